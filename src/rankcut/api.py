@@ -1,0 +1,177 @@
+"""The whole-model API: plan, apply and compress."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from rankcut.counting import count_macs, count_params
+from rankcut.inventory import Candidate, DecompositionSpec, IgnoreSpec, Inventory, scan
+from rankcut.layers import Rank, get_decomposition
+from rankcut.plan import LayerPlan, Plan
+from rankcut.report import Report
+from rankcut.select import Choice, RankPolicy, Selector, parse_selector
+from rankcut.tasks.base import ModelInputs, Task
+
+PLAN_ATTRIBUTE = "_rankcut_plan"
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The plan a compressed model was made with (attached by ``compress``, ``apply`` and ``load``)."""
+    plan = getattr(model, PLAN_ATTRIBUTE, None)
+    if plan is None:
+        raise ValueError("this model carries no rankcut plan: make it with rankcut.compress, apply or load")
+    return plan
+
+
+def _layer_plan(candidate: Candidate, choice: Choice | None) -> LayerPlan:
+    info, decomposition = candidate.info, candidate.decomposition
+    rank = choice.rank if choice is not None else None
+    reason = candidate.skip_reason or (choice.reason if choice is not None else "not chosen")
+    max_rank = decomposition.max_rank(info) if candidate.skip_reason is None else 0
+    return LayerPlan(
+        name=info.name, kind=info.kind, weight_shape=list(info.weight_shape), groups=info.groups,
+        decomposition=decomposition.name, rank=rank, max_rank=max_rank, reason=reason,
+        supported=candidate.skip_reason is None,
+        params_before=info.dense_params,
+        params_after=decomposition.params(info, rank) if rank is not None else info.dense_params,
+        macs_before=info.dense_macs,
+        macs_after=decomposition.macs(info, rank) if rank is not None else info.dense_macs,
+    )
+
+
+def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example_inputs: ModelInputs | None = None,
+              decomposition: DecompositionSpec = "svd", ignore: IgnoreSpec = (), round_to: int = 1,
+              inventory: Inventory | None = None) -> Plan:
+    """Choose a rank for every factorizable layer of ``model``, without changing it."""
+    selector = parse_selector(select)
+    policy = RankPolicy(round_to=round_to, break_even=selector.uses_break_even)
+    inventory = inventory or scan(model, example_inputs, decomposition, ignore)
+    choices = selector.choose(inventory.factorizable(), policy)
+    layers = [_layer_plan(c, choices.get(c.name)) for c in inventory.candidates]
+    return Plan(layers, selector.spec, {"round_to": round_to})
+
+
+def _check_plan_matches(plan: Plan, candidates: Mapping[str, Candidate]) -> None:
+    """Refuse a plan written for another architecture, naming the first layer that differs."""
+    for layer in plan.layers:
+        candidate = candidates.get(layer.name)
+        if candidate is None:
+            raise ValueError(f"plan does not fit this model: it has no layer {layer.name!r} "
+                             f"(the plan was made for another architecture)")
+        info = candidate.info
+        if (layer.kind, list(layer.weight_shape), layer.groups) != (info.kind, list(info.weight_shape), info.groups):
+            raise ValueError(
+                f"plan does not fit this model at layer {layer.name!r}: plan has {layer.kind} "
+                f"{layer.weight_shape} groups={layer.groups}, model has {info.kind} {list(info.weight_shape)} "
+                f"groups={info.groups}"
+            )
+    missing = sorted(set(candidates) - {layer.name for layer in plan.layers})
+    if missing:
+        raise ValueError(f"plan does not fit this model: layers {missing[:5]} are not in the plan "
+                         f"(the plan was made for another architecture)")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _replace_layers(model: nn.Module, plan: Plan, candidates: Mapping[str, Candidate], *, fill: bool,
+                    progress: bool) -> None:
+    """Swap each planned layer of ``model`` for its factors (filled from the weights, or an empty skeleton)."""
+    todo = plan.factorized()
+    for layer in tqdm(todo, desc="factorizing", unit="layer", disable=not progress or not todo, leave=False):
+        candidate = candidates[layer.name]
+        if candidate.skip_reason is not None:
+            raise ValueError(f"layer {layer.name!r} cannot be factorized: {candidate.skip_reason}")
+        decomposition = get_decomposition(layer.decomposition)
+        unsupported = decomposition.unsupported_reason(candidate.info)
+        if unsupported:
+            raise ValueError(f"layer {layer.name!r}: {unsupported}")
+        rank: Rank = decomposition.check_rank(candidate.info, layer.rank)
+        if fill:
+            basis = candidate.basis(decomposition)
+            factors = decomposition.build(candidate.info, rank, basis, _bias(candidate.module))
+            layer.relative_error = decomposition.relative_error(basis, rank)
+        else:
+            factors = decomposition.build(candidate.info, rank)
+        _set_module(model, layer.name, factors)
+
+
+def _bias(module: nn.Module):
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach().double()
+
+
+def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool = False,
+          inventory: Inventory | None = None) -> nn.Module:
+    """Factorize ``model`` exactly as ``plan`` says (a copy unless ``inplace``); the plan is checked first."""
+    inventory = inventory or scan(model)
+    candidates = {c.name: c for c in inventory.candidates}
+    _check_plan_matches(plan, candidates)
+    target = model if inplace else copy.deepcopy(model)
+    if not inplace:
+        modules = dict(target.named_modules())
+        candidates = {name: replace(c, module=modules[name]) for name, c in candidates.items()}
+    _replace_layers(target, plan, candidates, fill=True, progress=progress)
+    setattr(target, PLAN_ATTRIBUTE, plan)
+    return target
+
+
+def build_skeleton(model: nn.Module, plan: Plan) -> nn.Module:
+    """Replace the planned layers of ``model`` (in place) by empty factor modules of the planned ranks, for loading."""
+    candidates = {c.name: c for c in scan(model).candidates}
+    _check_plan_matches(plan, candidates)
+    _replace_layers(model, plan, candidates, fill=False, progress=False)
+    setattr(model, PLAN_ATTRIBUTE, plan)
+    return model
+
+
+def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Task | None = None,
+             example_inputs: ModelInputs | None = None, decomposition: DecompositionSpec = "svd",
+             ignore: IgnoreSpec = (), round_to: int = 1, inplace: bool = False, progress: bool = True,
+             evaluate_split: str | None = None) -> tuple[nn.Module, Report]:
+    """Factorize ``model``'s layers with ranks from ``select``; return the compressed model and a report.
+
+    ``select`` is a spec (``"fixed:0.5"`` keeps ~50% of each factorizable layer's params, ``"rank:32"``,
+    ``"full"``) or a ``Selector``. ``example_inputs`` (or ``task.example_inputs()``) let MACs be counted;
+    with a ``task`` and ``evaluate_split`` the metric is measured before and after. The input model is left
+    untouched unless ``inplace``.
+    """
+    start = time.perf_counter()
+    if example_inputs is None and task is not None:
+        example_inputs = task.example_inputs()
+    model.eval()
+    inventory = scan(model, example_inputs, decomposition, ignore)
+    plan = make_plan(model, select, decomposition=decomposition, round_to=round_to, inventory=inventory)
+    params_before = count_params(model)
+    macs_before = count_macs(model, example_inputs) if example_inputs is not None else None
+    metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}
+    compressed = apply(model, plan, inplace=inplace, progress=progress, inventory=inventory)
+    report = Report(
+        plan=plan, params_before=params_before, params_after=count_params(compressed),
+        macs_before=macs_before,
+        macs_after=count_macs(compressed, example_inputs) if example_inputs is not None else None,
+        inputs=describe_inputs(example_inputs) if example_inputs is not None else "",
+        metric_name=task.metric_name if metrics_before else None, metrics_before=metrics_before,
+        metrics_after=task.evaluate(compressed, evaluate_split) if metrics_before else {},
+        other_modules=inventory.other_modules,
+    )
+    report.seconds = time.perf_counter() - start
+    return compressed, report
+
+
+def describe_inputs(inputs: ModelInputs) -> str:
+    """A short description of example inputs, e.g. ``input_ids 8x23`` or ``1x1x28x28``."""
+    if isinstance(inputs, Mapping):
+        items: Sequence = [(k, v) for k, v in inputs.items() if hasattr(v, "shape")][:1]
+        return ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in items)
+    first = inputs[0] if isinstance(inputs, tuple) else inputs
+    return "x".join(map(str, first.shape)) if hasattr(first, "shape") else type(first).__name__

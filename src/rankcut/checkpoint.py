@@ -1,0 +1,167 @@
+"""Save and load compressed models as safetensors plus the plan: no pickles, atomic writes, checked on load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from rankcut.api import build_skeleton, plan_of
+from rankcut.plan import Plan
+from rankcut.report import Report
+
+WEIGHTS_FILE = "model.safetensors"
+PLAN_FILE = "plan.json"
+REPORT_FILE = "report.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be written or read back faithfully."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename it into place."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, *, force: bool = False,
+                       protected: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Create ``out_dir``; refuse a non-empty one unless ``force``, and never one holding a ``protected`` input."""
+    out = Path(out_dir).resolve()
+    for item in protected:
+        source = Path(item).resolve()
+        if source == out or out in source.parents:
+            raise CheckpointError(f"refusing to write into {out}: it holds the input {source}; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"{out} is not empty; choose an empty directory or pass force=True (--force)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, *, report: Report | None = None, force: bool = False,
+         source: str | None = None, protected: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Write ``model.safetensors``, ``plan.json`` (and ``report.json``) for a compressed model into ``out_dir``.
+
+    ``source`` records how to rebuild the uncompressed model (a zoo name or ``module:factory``) so that
+    ``load(out_dir)`` can work without one.
+    """
+    plan = plan_of(model)
+    out = prepare_output_dir(out_dir, force=force, protected=protected)
+    weights = out / WEIGHTS_FILE
+    _atomic_write(weights, lambda temporary: save_model(model, temporary, metadata={"format": "pt"}))
+    plan.meta = {**plan.meta, "weights": WEIGHTS_FILE, "weights_sha256": _sha256(weights)}
+    if source is not None:
+        plan.meta["source"] = source
+    _write_text(out / PLAN_FILE, plan.to_json())
+    if report is not None:
+        _write_text(out / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
+    return out
+
+
+def read_plan(checkpoint_dir: str | os.PathLike) -> Plan:
+    """The plan stored in a checkpoint directory."""
+    path = Path(checkpoint_dir) / PLAN_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{Path(checkpoint_dir)} is not a rankcut checkpoint: {PLAN_FILE} is missing")
+    try:
+        return Plan.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def _read_weights(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    if expected_sha256 and _sha256(path) != expected_sha256:
+        raise CheckpointError(f"{path} does not match the checksum in {PLAN_FILE}: the file is corrupted or was "
+                              "replaced")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is corrupted or truncated: {error}") from None
+
+
+def _stored_names(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """For every state key, the stored name holding it: safetensors stores tied tensors once, under one name."""
+    tied: dict[tuple, list[str]] = {}
+    for key, tensor in expected.items():
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride()) if tensor.numel() else (key,)
+        tied.setdefault(identity, []).append(key)
+    names = {}
+    for keys in tied.values():
+        stored = next((key for key in keys if key in state), None)
+        names.update({key: stored for key in keys if stored is not None})
+    return names
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``state`` strictly into ``model``, with errors that name the layer."""
+    expected = model.state_dict()
+    stored = _stored_names(expected, state)
+    missing = [key for key in expected if key not in stored]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit the model rebuilt from the plan: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for key, tensor in expected.items():
+        value = state[stored[key]]
+        if tuple(value.shape) != tuple(tensor.shape):
+            layer = key.rsplit(".", 1)[0]
+            raise CheckpointError(f"{path}: layer {layer!r} tensor {key!r} has shape {tuple(value.shape)}, the plan "
+                                  f"needs {tuple(tensor.shape)}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: tensor {key!r} has NaN or Inf values")
+    model.load_state_dict({key: state[stored[key]] for key in expected}, strict=True)
+
+
+def load(checkpoint_dir: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a compressed model: the plan reshapes ``model`` (uncompressed, same architecture), then weights load.
+
+    Without ``model``, the uncompressed model is rebuilt from the plan's recorded ``source``. Weights are
+    read with safetensors only; nothing is unpickled.
+    """
+    directory = Path(checkpoint_dir)
+    plan = read_plan(directory)
+    if model is None:
+        from rankcut.sources import build_source_model  # a saved source is only needed on this path
+
+        source = plan.meta.get("source")
+        if not source:
+            raise CheckpointError(f"{directory} records no source model; pass model= (an uncompressed instance)")
+        model = build_source_model(source)
+    state = _read_weights(directory / plan.meta.get("weights", WEIGHTS_FILE), plan.meta.get("weights_sha256"))
+    build_skeleton(model, plan)
+    _load_state(model, state, directory / WEIGHTS_FILE)
+    return model.eval()

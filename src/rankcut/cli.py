@@ -1,0 +1,188 @@
+"""The ``rankcut`` command line: inspect, compress, eval and bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from rankcut.api import compress as compress_model
+from rankcut.api import describe_inputs
+from rankcut.checkpoint import CheckpointError, prepare_output_dir, save
+from rankcut.counting import count_macs, count_params
+from rankcut.inventory import scan
+from rankcut.latency import compare_latency
+from rankcut.plan import format_table
+from rankcut.report import describe_other_modules
+from rankcut.sources import ZOO, ModelSource, build_source_model, resolve_model, resolve_task
+from rankcut.tasks.base import ModelInputs, Task
+
+MODEL_HELP = ("MODEL: a zoo name (" + ", ".join(sorted(ZOO)) + "), a saved rankcut directory, or "
+              "'package.module:factory' (with --weights FILE.safetensors)")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _example_inputs(source: ModelSource, task: Task | None, input_shape: str | None) -> ModelInputs | None:
+    if input_shape:
+        try:
+            shape = [int(part) for part in input_shape.split(",")]
+        except ValueError:
+            _fail(f"--input-shape must be integers separated by commas, e.g. 1,3,32,32; got {input_shape!r}")
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    task = task or source.task
+    return task.example_inputs() if task is not None else None
+
+
+def _load(model: str, weights: str | None, task: str | None) -> tuple[ModelSource, Task | None]:
+    try:
+        source = resolve_model(model, weights)
+        return source, resolve_task(task) if task else source.task
+    except (ValueError, CheckpointError) as error:
+        _fail(str(error))
+
+
+@click.group(help="Make trained PyTorch models smaller and faster by low-rank factorization.\n\n" + MODEL_HELP)
+def main() -> None:
+    torch.manual_seed(0)
+
+
+_model_argument = click.argument("model")
+_weights_option = click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+                               help="Safetensors weights for a module:factory model.")
+_task_option = click.option("--task", help="Built-in task name or module:function (default: the model's own).")
+_shape_option = click.option("--input-shape", help="Random example input shape, e.g. 1,3,32,32 (when no task).")
+
+
+@main.command(help="List every layer: shape, params, MACs, the decomposition, its full and break-even ranks.")
+@_model_argument
+@_weights_option
+@_task_option
+@_shape_option
+@click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
+def inspect(model: str, weights: str | None, task: str | None, input_shape: str | None, decomposition: str) -> None:
+    source, task_obj = _load(model, weights, task)
+    inputs = _example_inputs(source, task_obj, input_shape)
+    try:
+        inventory = scan(source.model, inputs, decomposition)
+    except ValueError as error:
+        _fail(str(error))
+    rows = [("layer", "kind", "weight", "params", "MACs", "decomposition", "full rank", "largest paying rank", "note")]
+    for c in inventory.candidates:
+        info, decomp = c.info, c.decomposition
+        if c.skip_reason:
+            rows.append((c.name, info.kind, "x".join(map(str, info.weight_shape)), f"{info.dense_params:,}",
+                         f"{info.dense_macs:,}", "-", "-", "-", c.skip_reason))
+            continue
+        paying = [r for r in decomp.ranks_by_size(info) if decomp.pays_off(info, r)]
+        rows.append((c.name, info.kind, "x".join(map(str, info.weight_shape)), f"{info.dense_params:,}",
+                     f"{info.dense_macs:,}", decomp.name, str(decomp.max_rank(info)),
+                     str(paying[-1]) if paying else "none", ""))
+    click.echo(format_table(rows))
+    total = count_params(source.model)
+    factorizable = sum(c.info.dense_params for c in inventory.factorizable())
+    click.echo(f"\nparams: {total:,} in total, {factorizable:,} ({factorizable / total:.1%}) in factorizable layers")
+    if inputs is not None:
+        click.echo(f"MACs: {count_macs(source.model, inputs):,} per forward pass on {describe_inputs(inputs)}")
+    if inventory.other_modules:
+        click.echo(describe_other_modules(inventory.other_modules))
+
+
+@main.command(help="Factorize a model and save it (safetensors + plan.json), printing the plan and the report.")
+@_model_argument
+@_weights_option
+@_task_option
+@_shape_option
+@click.option("--select", default="fixed:0.5", show_default=True,
+              help="Rank selector: fixed:FRACTION (params kept per layer), rank:N, full.")
+@click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
+@click.option("--ignore", multiple=True, help="Layer name (or prefix module) or type name to keep dense; repeatable.")
+@click.option("--round-to", default=1, show_default=True, type=int, help="Round ranks to a multiple of N.")
+@click.option("--split", default="test", show_default=True, help="Split to report the metric on ('none' to skip).")
+@click.option("--out", type=click.Path(file_okay=False), help="Directory to save the compressed model into.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@click.option("--force", is_flag=True, help="Allow a non-empty --out directory.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, select: str,
+             decomposition: str, ignore: tuple[str, ...], round_to: int, split: str, out: str | None,
+             report_path: str | None, force: bool, progress: bool) -> None:
+    source, task_obj = _load(model, weights, task)
+    protected = tuple(p for p in (source.checkpoint, weights) if p)
+    try:
+        if out:
+            prepare_output_dir(out, force=force, protected=protected)
+        inputs = _example_inputs(source, task_obj, input_shape)
+        compressed, report = compress_model(
+            source.model, select, task=task_obj, example_inputs=inputs, decomposition=decomposition,
+            ignore=list(ignore), round_to=round_to, progress=progress,
+            evaluate_split=None if split == "none" or task_obj is None else split)
+    except (ValueError, CheckpointError) as error:
+        _fail(str(error))
+    if task:
+        report.plan.meta["task"] = task
+    elif source.task is not None:
+        report.plan.meta["task"] = source.task.name
+    click.echo(report.plan.table())
+    click.echo("")
+    click.echo(report.summary())
+    if out:
+        save(compressed, out, report=report, force=True, source=source.spec or None, protected=protected)
+        click.echo(f"saved to {out}")
+    if report_path:
+        Path(report_path).write_text(json.dumps(report.to_dict(), indent=2))
+        click.echo(f"report written to {report_path}")
+
+
+@main.command(name="eval", help="Evaluate a model on a task split.")
+@_model_argument
+@_weights_option
+@_task_option
+@click.option("--split", default="test", show_default=True)
+def evaluate(model: str, weights: str | None, task: str | None, split: str) -> None:
+    source, task_obj = _load(model, weights, task)
+    if task_obj is None:
+        _fail("this model has no default task: pass --task")
+    try:
+        metrics = task_obj.evaluate(source.model, split)
+    except ValueError as error:
+        _fail(str(error))
+    click.echo(f"{task_obj.name} ({split}): " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    click.echo(f"params: {count_params(source.model):,}")
+
+
+@main.command(help="CPU latency before/after: a saved directory against its source, or MODEL against --select.")
+@_model_argument
+@_weights_option
+@_task_option
+@_shape_option
+@click.option("--select", default="fixed:0.5", show_default=True, help="Selector when MODEL is not a saved directory.")
+@click.option("--batch", "batches", multiple=True, type=int, default=(1, 32), show_default=True)
+@click.option("--repeats", default=20, show_default=True, type=int)
+def bench(model: str, weights: str | None, task: str | None, input_shape: str | None, select: str,
+          batches: tuple[int, ...], repeats: int) -> None:
+    source, task_obj = _load(model, weights, task)
+    inputs = _example_inputs(source, task_obj, input_shape)
+    if inputs is None:
+        _fail("no example inputs: pass --task or --input-shape")
+    try:
+        if source.checkpoint is not None:
+            original, compressed = build_source_model(source.spec), source.model
+        else:
+            original = source.model
+            compressed, _ = compress_model(original, select, example_inputs=inputs, progress=False)
+    except (ValueError, CheckpointError) as error:
+        _fail(str(error))
+    results = compare_latency({"original": original, "compressed": compressed}, inputs, tuple(batches), repeats)
+    rows = [("batch", "original ms", "compressed ms", "speed-up")]
+    for batch, times in results.items():
+        rows.append((str(batch), f"{times['original'] * 1e3:.2f}", f"{times['compressed'] * 1e3:.2f}",
+                     f"{times['original'] / times['compressed']:.2f}x"))
+    click.echo(format_table(rows))
+    click.echo(f"median of {repeats} runs, {torch.get_num_threads()} threads; params "
+               f"{count_params(original):,} -> {count_params(compressed):,}")

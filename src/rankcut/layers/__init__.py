@@ -1,0 +1,7 @@
+"""Layer adapters: turn one module into factor modules (and back into a skeleton for loading)."""
+
+from rankcut.layers.decompositions import DECOMPOSITIONS, Decomposition, Rank, get_decomposition
+from rankcut.layers.factorized import Factorized
+from rankcut.layers.info import LayerInfo, describe_layer
+
+__all__ = ["DECOMPOSITIONS", "Decomposition", "Factorized", "LayerInfo", "Rank", "describe_layer", "get_decomposition"]

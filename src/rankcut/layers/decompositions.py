@@ -1,0 +1,228 @@
+"""Registry of decompositions: each knows its ranks, its cost, and how to build factor modules for a layer."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from rankcut.layers.factorized import Factorized
+from rankcut.layers.info import LayerInfo
+from rankcut.linalg import Spectrum, TuckerBasis
+
+Rank = int | tuple[int, ...]
+
+DECOMPOSITIONS: dict[str, Decomposition] = {}
+
+_CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def get_decomposition(name: str) -> Decomposition:
+    """The registered decomposition called ``name`` (case-insensitive)."""
+    try:
+        return DECOMPOSITIONS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown decomposition {name!r}; available: {', '.join(sorted(DECOMPOSITIONS))}") from None
+
+
+def _depthwise_reason(info: LayerInfo) -> str | None:
+    if info.is_conv and info.in_per_group == 1 and info.groups > 1:
+        return "depthwise conv (one input channel per group): nothing to factorize across channels"
+    return None
+
+
+class Decomposition(ABC):
+    """One way to factorize a layer. Subclasses register themselves under ``name``.
+
+    A basis (the expensive part: an SVD or the unfoldings' spectra) is computed once per layer by ``basis``
+    and reused for every rank the selectors try.
+    """
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, *, name: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name = name
+        DECOMPOSITIONS[name] = cls()
+
+    @abstractmethod
+    def unsupported_reason(self, info: LayerInfo) -> str | None:
+        """Why this decomposition cannot factorize the layer, or None if it can."""
+
+    @abstractmethod
+    def max_rank(self, info: LayerInfo) -> Rank:
+        """The full rank: factors of this rank reproduce the layer exactly."""
+
+    @abstractmethod
+    def params(self, info: LayerInfo, rank: Rank) -> int:
+        """Parameters of the factorized layer (bias included)."""
+
+    @abstractmethod
+    def macs(self, info: LayerInfo, rank: Rank) -> int:
+        """Multiply-accumulates of the factorized layer in one forward pass on the example inputs."""
+
+    @abstractmethod
+    def ranks_by_size(self, info: LayerInfo) -> list[Rank]:
+        """Candidate ranks from smallest to largest, for searches over size."""
+
+    @abstractmethod
+    def basis(self, kernel: torch.Tensor) -> Any:
+        """The per-layer decomposition that every rank is sliced from (float64)."""
+
+    @abstractmethod
+    def relative_error(self, basis: Any, rank: Rank) -> float:
+        """‖W − W_r‖_F / ‖W‖_F of the rank-``rank`` factorization."""
+
+    @abstractmethod
+    def build(self, info: LayerInfo, rank: Rank, basis: Any = None, bias: torch.Tensor | None = None) -> Factorized:
+        """Factor modules for ``rank``: filled from ``basis``, or an empty skeleton to load weights into."""
+
+    def check_rank(self, info: LayerInfo, rank: Rank) -> Rank:
+        """``rank`` in canonical form, or a ValueError naming the layer and the valid range."""
+        full = self.max_rank(info)
+        parts = (rank,) if isinstance(full, int) else tuple(rank) if isinstance(rank, (tuple, list)) else None
+        limits = (full,) if isinstance(full, int) else full
+        if parts is None or len(parts) != len(limits) or not all(isinstance(p, int) for p in parts):
+            raise ValueError(f"layer {info.name!r}: {self.name} needs a rank like {full!r}, got {rank!r}")
+        if not all(1 <= p <= limit for p, limit in zip(parts, limits, strict=True)):
+            raise ValueError(
+                f"layer {info.name!r}: {self.name} rank {rank!r} is out of range; it must be between 1 and "
+                f"{full!r} (the layer's full rank)"
+            )
+        return parts[0] if isinstance(full, int) else tuple(parts)
+
+    def rank_for_params(self, info: LayerInfo, budget: int) -> Rank | None:
+        """The largest candidate rank whose params fit in ``budget``, or None if none does."""
+        best = None
+        for rank in self.ranks_by_size(info):
+            if self.params(info, rank) > budget:
+                break
+            best = rank
+        return best
+
+    def pays_off(self, info: LayerInfo, rank: Rank) -> bool:
+        """True when the factorized layer has fewer params and (when measured) fewer MACs than the dense one."""
+        if self.params(info, rank) >= info.dense_params:
+            return False
+        return info.output_positions == 0 or self.macs(info, rank) < info.dense_macs
+
+
+def _conv(info: LayerInfo, n_in: int, n_out: int, kernel: tuple[int, ...] | None, bias: bool) -> nn.Module:
+    """A ConvNd like the layer's own (``kernel`` None: a 1x1 pointwise conv with the layer's groups)."""
+    conv_type = _CONV_TYPES[info.spatial_dims]
+    if kernel is None:
+        return conv_type(n_in, n_out, 1, groups=info.groups, bias=bias, dtype=info.dtype, device=info.device)
+    return conv_type(
+        n_in, n_out, kernel, groups=info.groups, bias=bias, dtype=info.dtype, device=info.device, **info.conv_options
+    )
+
+
+def _fill(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """Copy float64 factors into a module, cast to its dtype."""
+    with torch.no_grad():
+        module.weight.copy_(weight.reshape(module.weight.shape))
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
+class SVD(Decomposition, name="svd"):
+    """Truncated SVD: Linear → Linear(n→r) · Linear(r→m); conv → k×k conv to r channels · 1×1 conv (per group)."""
+
+    def unsupported_reason(self, info: LayerInfo) -> str | None:
+        return _depthwise_reason(info)
+
+    def max_rank(self, info: LayerInfo) -> int:
+        return min(info.out_per_group, info.in_per_group * info.kernel_volume)
+
+    def params(self, info: LayerInfo, rank: Rank) -> int:
+        bias = info.out_channels if info.has_bias else 0
+        return rank * (info.in_channels * info.kernel_volume + info.out_channels) + bias
+
+    def macs(self, info: LayerInfo, rank: Rank) -> int:
+        return info.output_positions * rank * (info.in_channels * info.kernel_volume + info.out_channels)
+
+    def ranks_by_size(self, info: LayerInfo) -> list[int]:
+        return list(range(1, self.max_rank(info) + 1))
+
+    def rank_for_params(self, info: LayerInfo, budget: int) -> int | None:
+        per_rank = info.in_channels * info.kernel_volume + info.out_channels
+        rank = min((budget - (info.out_channels if info.has_bias else 0)) // per_rank, self.max_rank(info))
+        return rank if rank >= 1 else None
+
+    def basis(self, kernel: torch.Tensor) -> Spectrum:
+        return Spectrum.of(kernel.reshape(kernel.shape[0], kernel.shape[1], -1))
+
+    def relative_error(self, basis: Spectrum, rank: Rank) -> float:
+        return basis.relative_error(rank)
+
+    def build(self, info: LayerInfo, rank: Rank, basis: Spectrum | None = None,
+              bias: torch.Tensor | None = None) -> Factorized:
+        if info.is_conv:
+            first = _conv(info, info.in_channels, info.groups * rank, info.kernel_size, bias=False)
+            second = _conv(info, info.groups * rank, info.out_channels, None, bias=info.has_bias)
+        else:
+            options = {"dtype": info.dtype, "device": info.device}
+            first = nn.Linear(info.in_channels, rank, bias=False, **options)
+            second = nn.Linear(rank, info.out_channels, bias=info.has_bias, **options)
+        if basis is not None:
+            A, B = basis.factors(rank)  # (g, T/g, r), (g, r, S/g·k)
+            _fill(first, B)
+            _fill(second, A, bias)
+        return Factorized([first, second], self.name, rank)
+
+
+class Tucker2(Decomposition, name="tucker2"):
+    """Tucker-2 of a conv's channel modes (Kim et al. 2016): 1×1 conv → k×k core conv → 1×1 conv, per group."""
+
+    def unsupported_reason(self, info: LayerInfo) -> str | None:
+        if not info.is_conv:
+            return "tucker2 factorizes convolutions only; use svd for linear layers"
+        return _depthwise_reason(info)
+
+    def max_rank(self, info: LayerInfo) -> tuple[int, int]:
+        k = info.kernel_volume
+        return min(info.out_per_group, info.in_per_group * k), min(info.in_per_group, info.out_per_group * k)
+
+    def params(self, info: LayerInfo, rank: Rank) -> int:
+        r_out, r_in = rank
+        per_group = info.in_per_group * r_in + r_in * r_out * info.kernel_volume + r_out * info.out_per_group
+        return info.groups * per_group + (info.out_channels if info.has_bias else 0)
+
+    def macs(self, info: LayerInfo, rank: Rank) -> int:
+        r_out, r_in = rank
+        g = info.groups
+        return (
+            info.input_positions * g * r_in * info.in_per_group
+            + info.output_positions * g * (r_out * r_in * info.kernel_volume + info.out_per_group * r_out)
+        )
+
+    def ranks_by_size(self, info: LayerInfo) -> list[tuple[int, int]]:
+        """Rank pairs that keep the two channel modes in the layer's out:in proportion, growing."""
+        max_out, max_in = self.max_rank(info)
+        ratio = info.in_per_group / info.out_per_group
+        pairs = {(r, min(max_in, max(1, round(r * ratio)))) for r in range(1, max_out + 1)}
+        pairs.add((max_out, max_in))
+        return sorted(pairs, key=lambda pair: (self.params(info, pair), pair))
+
+    def basis(self, kernel: torch.Tensor) -> TuckerBasis:
+        return TuckerBasis.of(kernel)
+
+    def relative_error(self, basis: TuckerBasis, rank: Rank) -> float:
+        return basis.factorize(tuple(rank)).relative_error
+
+    def build(self, info: LayerInfo, rank: Rank, basis: TuckerBasis | None = None,
+              bias: torch.Tensor | None = None) -> Factorized:
+        r_out, r_in = rank
+        g = info.groups
+        first = _conv(info, info.in_channels, g * r_in, None, bias=False)
+        core = _conv(info, g * r_in, g * r_out, info.kernel_size, bias=False)
+        last = _conv(info, g * r_out, info.out_channels, None, bias=info.has_bias)
+        if basis is not None:
+            factors = basis.factorize((r_out, r_in))
+            _fill(first, factors.U_in.transpose(1, 2))  # (g, R_in, S/g)
+            _fill(core, factors.core)  # (g, R_out, R_in, *k)
+            _fill(last, factors.U_out, bias)  # (g, T/g, R_out)
+        return Factorized([first, core, last], self.name, (r_out, r_in))

@@ -1,0 +1,6 @@
+"""Tensor math for low-rank factorization. Nothing here knows about ``nn.Module``."""
+
+from rankcut.linalg.spectrum import Spectrum
+from rankcut.linalg.tucker import Tucker2Factors, TuckerBasis
+
+__all__ = ["Spectrum", "Tucker2Factors", "TuckerBasis"]

@@ -1,0 +1,89 @@
+"""Tucker-2 decomposition of grouped conv kernels (the two channel modes), by HOOI from an HOSVD start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rankcut.linalg.spectrum import Spectrum
+
+
+def unfold_out(kernel: torch.Tensor) -> torch.Tensor:
+    """Mode-0 (output-channel) unfolding of (g, T, S, *k) kernels: (g, T, S·k)."""
+    g, t = kernel.shape[:2]
+    return kernel.reshape(g, t, -1)
+
+
+def unfold_in(kernel: torch.Tensor) -> torch.Tensor:
+    """Mode-1 (input-channel) unfolding of (g, T, S, *k) kernels: (g, S, T·k)."""
+    g, _, s = kernel.shape[:3]
+    return kernel.transpose(1, 2).reshape(g, s, -1)
+
+
+@dataclass(frozen=True)
+class Tucker2Factors:
+    """``K[g] ≈ core[g] ×₀ U_out[g] ×₁ U_in[g]`` with orthonormal columns in ``U_out`` and ``U_in``."""
+
+    U_out: torch.Tensor  # (g, T, R_out)
+    core: torch.Tensor  # (g, R_out, R_in, *k)
+    U_in: torch.Tensor  # (g, S, R_in)
+    relative_error: float
+
+
+def _project(kernel: torch.Tensor, U_out: torch.Tensor | None, U_in: torch.Tensor | None) -> torch.Tensor:
+    """Multiply the channel modes of ``kernel`` by ``U_outᵀ`` and/or ``U_inᵀ``."""
+    g, t, s = kernel.shape[:3]
+    flat = kernel.reshape(g, t, s, -1)
+    if U_out is not None:
+        flat = torch.einsum("gtsk,gtr->grsk", flat, U_out)
+    if U_in is not None:
+        flat = torch.einsum("gtsk,gsr->gtrk", flat, U_in)
+    return flat.reshape(g, flat.shape[1], flat.shape[2], *kernel.shape[3:])
+
+
+@dataclass(frozen=True)
+class TuckerBasis:
+    """The two channel unfoldings' spectra of a kernel, computed once and reused for every rank pair."""
+
+    kernel: torch.Tensor  # (g, T, S, *k) float64
+    out_spectrum: Spectrum
+    in_spectrum: Spectrum
+
+    @classmethod
+    def of(cls, kernel: torch.Tensor) -> TuckerBasis:
+        """Spectra of the mode-0 and mode-1 unfoldings of a (g, T, S, *k) kernel, in float64."""
+        kernel = kernel.to(torch.float64)
+        return cls(kernel, Spectrum.of(unfold_out(kernel)), Spectrum.of(unfold_in(kernel)))
+
+    @property
+    def max_ranks(self) -> tuple[int, int]:
+        """Largest useful (R_out, R_in): the ranks of the two unfoldings' bases."""
+        return self.out_spectrum.max_rank, self.in_spectrum.max_rank
+
+    def factorize(self, ranks: tuple[int, int], iterations: int = 10, tol: float = 1e-10) -> Tucker2Factors:
+        """Rank-(R_out, R_in) Tucker-2 by higher-order orthogonal iteration, started from the HOSVD."""
+        r_out, r_in = ranks
+        max_out, max_in = self.max_ranks
+        if not (1 <= r_out <= max_out and 1 <= r_in <= max_in):
+            raise ValueError(f"Tucker-2 ranks must be in [1, {max_out}] x [1, {max_in}], got {ranks}")
+        U_out = self.out_spectrum.U[:, :, :r_out]
+        U_in = self.in_spectrum.U[:, :, :r_in]
+        norm_sq = self.kernel.pow(2).sum()
+        previous = -1.0
+        kernel_size = self.kernel[0, 0, 0].numel()
+        # HOOI can only move the bases when each rank fits in the other mode's projected width.
+        iterate = (r_out, r_in) != (max_out, max_in) and r_out <= r_in * kernel_size and r_in <= r_out * kernel_size
+        for _ in range(iterations if iterate else 0):
+            U_out = torch.linalg.svd(unfold_out(_project(self.kernel, None, U_in)), full_matrices=False)[0]
+            U_out = U_out[:, :, :r_out]
+            U_in = torch.linalg.svd(unfold_in(_project(self.kernel, U_out, None)), full_matrices=False)[0]
+            U_in = U_in[:, :, :r_in]
+            captured = float(_project(self.kernel, U_out, U_in).pow(2).sum())
+            if abs(captured - previous) <= tol * float(norm_sq):
+                break
+            previous = captured
+        core = _project(self.kernel, U_out, U_in)
+        residual = torch.clamp(norm_sq - core.pow(2).sum(), min=0.0)
+        error = float((residual / norm_sq).sqrt()) if norm_sq > 0 else 0.0
+        return Tucker2Factors(U_out, core, U_in, error)

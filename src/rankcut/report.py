@@ -1,0 +1,91 @@
+"""Before/after numbers of a compression: params, MACs, metric, time, and the plan behind them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rankcut.plan import Plan, format_table
+
+
+@dataclass
+class Report:
+    """What a compression did. Ratios are always "kept" (after / before); "removed" is 1 − kept."""
+
+    plan: Plan
+    params_before: int
+    params_after: int
+    macs_before: int | None = None
+    macs_after: int | None = None
+    inputs: str = ""
+    metric_name: str | None = None
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    metrics_after: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    other_modules: list[tuple[str, str, int]] = field(default_factory=list)
+
+    @property
+    def factorizable_params(self) -> tuple[int, int]:
+        """Params of the layers rankcut could factorize, before and after."""
+        layers = [layer for layer in self.plan.layers if layer.supported]
+        return sum(x.params_before for x in layers), sum(x.params_after for x in layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        metric = None
+        if self.metric_name is not None:
+            metric = {"name": self.metric_name, "before": self.metrics_before.get(self.metric_name),
+                      "after": self.metrics_after.get(self.metric_name),
+                      "all_before": self.metrics_before, "all_after": self.metrics_after}
+        factorizable_before, factorizable_after = self.factorizable_params
+        return {
+            "params": {"before": self.params_before, "after": self.params_after,
+                       "kept": _ratio(self.params_after, self.params_before),
+                       "factorizable_before": factorizable_before, "factorizable_after": factorizable_after},
+            "macs": {"before": self.macs_before, "after": self.macs_after,
+                     "kept": _ratio(self.macs_after, self.macs_before), "inputs": self.inputs},
+            "metric": metric,
+            "seconds": round(self.seconds, 3),
+            "selector": self.plan.selector,
+            "layers": [layer.to_dict() for layer in self.plan.layers],
+            "unsupported_modules": [{"name": n, "type": t, "params": p} for n, t, p in self.other_modules],
+        }
+
+    def summary(self) -> str:
+        """A short before/after table for people."""
+        rows = [("", "before", "after", "kept", "removed")]
+        rows.append(_row("params (whole model)", self.params_before, self.params_after))
+        before, after = self.factorizable_params
+        rows.append(_row("params (factorizable layers)", before, after))
+        if self.macs_before is not None:
+            rows.append(_row(f"MACs ({self.inputs})" if self.inputs else "MACs", self.macs_before, self.macs_after))
+        for name in self.metrics_before:
+            b, a = self.metrics_before[name], self.metrics_after.get(name)
+            rows.append((name, f"{b:.4f}", "-" if a is None else f"{a:.4f}", "", ""))
+        factorized = len(self.plan.factorized())
+        text = format_table(rows)
+        layers = len(self.plan.layers)
+        text += f"\n{factorized} of {layers} layers factorized ({self.plan.selector}) in {self.seconds:.1f} s"
+        if self.other_modules:
+            text += "\n" + describe_other_modules(self.other_modules)
+        return text
+
+
+def describe_other_modules(other_modules: list[tuple[str, str, int]]) -> str:
+    """One line naming the module types rankcut left alone, with their parameter counts."""
+    kinds: dict[str, tuple[int, int]] = {}
+    for _name, kind, params in other_modules:
+        count, total = kinds.get(kind, (0, 0))
+        kinds[kind] = (count + 1, total + params)
+    listed = ", ".join(f"{count} {kind} ({total:,} params)" for kind, (count, total) in sorted(kinds.items()))
+    return f"left alone (type not supported): {listed}"
+
+
+def _ratio(after: int | None, before: int | None) -> float | None:
+    return None if not before or after is None else round(after / before, 6)
+
+
+def _row(label: str, before: int | None, after: int | None) -> tuple[str, ...]:
+    if not before or after is None:
+        return (label, f"{before or 0:,}", "-", "-", "-")
+    kept = after / before
+    return (label, f"{before:,}", f"{after:,}", f"{kept:.1%}", f"{1 - kept:.1%}")

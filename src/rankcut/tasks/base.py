@@ -1,0 +1,61 @@
+"""The task contract: what rankcut needs to know about a model's job to measure and calibrate it.
+
+A task bundles a model factory, example inputs (for counting MACs and for export), a loss on a batch, a
+calibration loader and a metric on a named split. Built-in tasks implement it; users can pass their own
+object with the same attributes (``module:function`` on the command line).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+# Inputs a model is called with: one tensor, a tuple of positional arguments, or keyword arguments.
+ModelInputs = torch.Tensor | tuple[Any, ...] | Mapping[str, Any]
+
+SPLITS = ("calibration", "validation", "test")
+
+
+def call_model(model: nn.Module, inputs: ModelInputs) -> Any:
+    """Call ``model`` with inputs given as a tensor, a tuple of arguments or a mapping of keyword arguments."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A model's job: how to build it, feed it, score it and calibrate on it.
+
+    ``metric_name`` names the headline metric in the dict returned by ``evaluate`` (higher is better).
+    The test split is for reporting only: selectors must calibrate on ``calibration`` and check on
+    ``validation``.
+    """
+
+    name: str
+    metric_name: str
+
+    def build_model(self) -> nn.Module:
+        """Return the reference model, with its trained weights, in eval mode."""
+        ...
+
+    def example_inputs(self) -> ModelInputs:
+        """A small batch of real inputs, used to count MACs and to trace or export the model."""
+        ...
+
+    def calibration_batches(self, num_samples: int, batch_size: int) -> Iterable[Any]:
+        """Batches from the calibration split, in a fixed order, for ``loss``."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Scalar training-style loss of ``model`` on one calibration batch (lower is better)."""
+        ...
+
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        """Metrics of ``model`` on ``split`` (one of ``SPLITS``); includes ``metric_name``."""
+        ...

