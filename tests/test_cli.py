@@ -79,3 +79,36 @@ def test_minilm_end_to_end(tmp_path):
     assert data["params"]["factorizable_after"] < 0.91 * data["params"]["factorizable_before"]
     evaluated = run("eval", str(tmp_path / "m"))
     assert f"acc@1={data['metric']['after']:.4f}" in evaluated.output
+
+
+def test_inspect_spectrum_prints_a_table_and_writes_a_png(tmp_path):
+    plot = tmp_path / "spectra.png"
+    result = run("inspect", *TOY, "--decomposition", "auto", "--spectrum", "--plot", str(plot))
+    assert result.exit_code == 0, result.output
+    assert "evbmf rank" in result.output and "energy 0.95" in result.output
+    assert "stem" in result.output and " out " in result.output and " in " in result.output  # Tucker-2: two spectra
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("select", ["evbmf", "evbmf:0.6", "energy:0.95", "budget:params=0.5", "budget:macs=0.5"])
+def test_compress_with_spectral_selectors(tmp_path, select):
+    report = tmp_path / "r.json"
+    result = run("compress", *TOY, "--select", select, "--report", str(report), "--no-progress")
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["selector"] == select
+    assert all(select.split(":")[0] in layer["reason"] or layer["rank"] is None for layer in data["layers"])
+
+
+def test_report_never_overwrites_an_input(tmp_path):
+    from safetensors.torch import save_model
+
+    from toy_models import cnn_factory
+
+    weights = tmp_path / "net.safetensors"
+    save_model(cnn_factory(), str(weights))
+    before = weights.read_bytes()
+    result = run("compress", "toy_models:cnn_factory", "--weights", str(weights), "--input-shape", "2,3,16,16",
+                 "--report", str(weights))
+    assert result.exit_code == 2 and "is an input file" in result.output
+    assert weights.read_bytes() == before

@@ -1,6 +1,8 @@
-"""Small models covering every layer type rankcut handles, for tests (also usable as ``tests.toy_models:factory``)."""
+"""Small models covering every layer type rankcut handles, and planted test data (``toy_models:cnn_factory``)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -105,3 +107,13 @@ class ToyTask:
 
 def toy_task() -> ToyTask:
     return ToyTask()
+
+
+def planted(m: int, n: int, rank: int, noise: float, seed: int = 0, strength: float = 3.0) -> torch.Tensor:
+    """Low-rank signal with singular values ``strength``-6x the noise edge, plus Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))[0]
+    edge = noise * (math.sqrt(m) + math.sqrt(n))
+    values = edge * torch.linspace(strength, 2 * strength, rank, dtype=torch.float64)
+    return U @ torch.diag(values) @ V.T + noise * torch.randn(m, n, generator=g, dtype=torch.float64)

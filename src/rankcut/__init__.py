@@ -7,7 +7,7 @@ from rankcut.inventory import scan
 from rankcut.layers import DECOMPOSITIONS, Decomposition, Factorized
 from rankcut.plan import LayerPlan, Plan
 from rankcut.report import Report
-from rankcut.select import Choice, RankPolicy, Selector, parse_selector
+from rankcut.selectors import Choice, RankPolicy, Selector, parse_selector
 from rankcut.tasks import Task
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from rankcut.inventory import Candidate, DecompositionSpec, IgnoreSpec, Inventor
 from rankcut.layers import Rank, get_decomposition
 from rankcut.plan import LayerPlan, Plan
 from rankcut.report import Report
-from rankcut.select import Choice, RankPolicy, Selector, parse_selector
+from rankcut.selectors import Choice, RankPolicy, Selector, parse_selector
 from rankcut.tasks.base import ModelInputs, Task
 
 PLAN_ATTRIBUTE = "_rankcut_plan"

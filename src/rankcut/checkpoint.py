@@ -50,7 +50,8 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers never see a half-written file."""
     _atomic_write(path, lambda temporary: Path(temporary).write_text(text))
 
 
@@ -84,9 +85,9 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, report: Report | None 
     plan.meta = {**plan.meta, "weights": WEIGHTS_FILE, "weights_sha256": _sha256(weights)}
     if source is not None:
         plan.meta["source"] = source
-    _write_text(out / PLAN_FILE, plan.to_json())
+    write_text_atomic(out / PLAN_FILE, plan.to_json())
     if report is not None:
-        _write_text(out / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
+        write_text_atomic(out / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
     return out
 
 

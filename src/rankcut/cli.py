@@ -11,13 +11,15 @@ import torch
 
 from rankcut.api import compress as compress_model
 from rankcut.api import describe_inputs
-from rankcut.checkpoint import CheckpointError, prepare_output_dir, save
+from rankcut.checkpoint import CheckpointError, prepare_output_dir, save, write_text_atomic
 from rankcut.counting import count_macs, count_params
 from rankcut.inventory import scan
 from rankcut.latency import compare_latency
 from rankcut.plan import format_table
 from rankcut.report import describe_other_modules
+from rankcut.selectors import EXAMPLES
 from rankcut.sources import ZOO, ModelSource, build_source_model, resolve_model, resolve_task
+from rankcut.spectrum_report import spectrum_report
 from rankcut.tasks.base import ModelInputs, Task
 
 MODEL_HELP = ("MODEL: a zoo name (" + ", ".join(sorted(ZOO)) + "), a saved rankcut directory, or "
@@ -66,7 +68,11 @@ _shape_option = click.option("--input-shape", help="Random example input shape, 
 @_task_option
 @_shape_option
 @click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
-def inspect(model: str, weights: str | None, task: str | None, input_shape: str | None, decomposition: str) -> None:
+@click.option("--spectrum", is_flag=True, help="Also print per-layer spectra (EVBMF, energy ranks) and plot them.")
+@click.option("--plot", default="spectrum.png", show_default=True, type=click.Path(dir_okay=False),
+              help="Where --spectrum writes its PNG.")
+def inspect(model: str, weights: str | None, task: str | None, input_shape: str | None, decomposition: str,
+            spectrum: bool, plot: str) -> None:
     source, task_obj = _load(model, weights, task)
     inputs = _example_inputs(source, task_obj, input_shape)
     try:
@@ -92,6 +98,13 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
         click.echo(f"MACs: {count_macs(source.model, inputs):,} per forward pass on {describe_inputs(inputs)}")
     if inventory.other_modules:
         click.echo(describe_other_modules(inventory.other_modules))
+    if spectrum:
+        factorizable = inventory.factorizable()
+        try:
+            click.echo("\n" + spectrum_report(factorizable, plot))
+        except RuntimeError as error:
+            _fail(str(error))
+        click.echo(f"spectra plotted to {plot}")
 
 
 @main.command(help="Factorize a model and save it (safetensors + plan.json), printing the plan and the report.")
@@ -100,7 +113,7 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @_task_option
 @_shape_option
 @click.option("--select", default="fixed:0.5", show_default=True,
-              help="Rank selector: fixed:FRACTION (params kept per layer), rank:N, full.")
+              help=f"Rank selector: {EXAMPLES}. fixed/budget fractions are of params (or MACs) KEPT.")
 @click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
 @click.option("--ignore", multiple=True, help="Layer name (or prefix module) or type name to keep dense; repeatable.")
 @click.option("--round-to", default=1, show_default=True, type=int, help="Round ranks to a multiple of N.")
@@ -115,6 +128,8 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
     source, task_obj = _load(model, weights, task)
     protected = tuple(p for p in (source.checkpoint, weights) if p)
     try:
+        if report_path and any(Path(report_path).resolve() == Path(p).resolve() for p in protected):
+            raise CheckpointError(f"--report {report_path} is an input file; choose another path")
         if out:
             prepare_output_dir(out, force=force, protected=protected)
         inputs = _example_inputs(source, task_obj, input_shape)
@@ -135,7 +150,7 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
         save(compressed, out, report=report, force=True, source=source.spec or None, protected=protected)
         click.echo(f"saved to {out}")
     if report_path:
-        Path(report_path).write_text(json.dumps(report.to_dict(), indent=2))
+        write_text_atomic(Path(report_path), json.dumps(report.to_dict(), indent=2))
         click.echo(f"report written to {report_path}")
 
 

@@ -79,6 +79,19 @@ class Decomposition(ABC):
     def build(self, info: LayerInfo, rank: Rank, basis: Any = None, bias: torch.Tensor | None = None) -> Factorized:
         """Factor modules for ``rank``: filled from ``basis``, or an empty skeleton to load weights into."""
 
+    @abstractmethod
+    def spectra(self, basis: Any) -> list[Spectrum]:
+        """One spectrum per rank component (SVD: the matrix's; Tucker-2: the output and input unfoldings')."""
+
+    def rank_from_parts(self, parts: list[int]) -> Rank:
+        """A rank from one value per spectrum (an int when there is one)."""
+        return parts[0] if len(parts) == 1 else tuple(parts)
+
+    def squared_error_estimate(self, basis: Any, rank: Rank) -> float:
+        """Σ of the spectra's dropped energy fractions: exactly ‖W − W_r‖²/‖W‖² for SVD, an upper bound for Tucker-2."""
+        parts = (rank,) if isinstance(rank, int) else rank
+        return sum(float(1 - s.energy()[r - 1]) for s, r in zip(self.spectra(basis), parts, strict=True))
+
     def check_rank(self, info: LayerInfo, rank: Rank) -> Rank:
         """``rank`` in canonical form, or a ValueError naming the layer and the valid range."""
         full = self.max_rank(info)
@@ -158,6 +171,9 @@ class SVD(Decomposition, name="svd"):
     def relative_error(self, basis: Spectrum, rank: Rank) -> float:
         return basis.relative_error(rank)
 
+    def spectra(self, basis: Spectrum) -> list[Spectrum]:
+        return [basis]
+
     def build(self, info: LayerInfo, rank: Rank, basis: Spectrum | None = None,
               bias: torch.Tensor | None = None) -> Factorized:
         if info.is_conv:
@@ -212,6 +228,9 @@ class Tucker2(Decomposition, name="tucker2"):
 
     def relative_error(self, basis: TuckerBasis, rank: Rank) -> float:
         return basis.factorize(tuple(rank)).relative_error
+
+    def spectra(self, basis: TuckerBasis) -> list[Spectrum]:
+        return [basis.out_spectrum, basis.in_spectrum]
 
     def build(self, info: LayerInfo, rank: Rank, basis: TuckerBasis | None = None,
               bias: torch.Tensor | None = None) -> Factorized:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Spectrum:
     """SVD ``M[g] = U[g] diag(S[g]) Vh[g]`` of ``g`` stacked matrices (one per conv group).
 
@@ -31,12 +32,21 @@ class Spectrum:
         return cls(U, S, Vh)
 
     @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(m, n) of each decomposed matrix."""
+        return self.U.shape[1], self.Vh.shape[2]
+
+    @property
     def max_rank(self) -> int:
         """Number of singular values per group: min(m, n)."""
         return self.S.shape[-1]
 
     def energy(self) -> torch.Tensor:
         """Cumulative fraction of Σσ² (summed over groups) kept by ranks 1..max_rank."""
+        return self._energy
+
+    @functools.cached_property
+    def _energy(self) -> torch.Tensor:
         squares = (self.S**2).sum(0)
         total = squares.sum()
         if total == 0:

@@ -1,0 +1,78 @@
+"""What every selector shares: the choice it makes per layer, and the policy (rounding, break-even) ranks pass."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rankcut.inventory import Candidate
+from rankcut.layers import Rank
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A selector's decision for one layer: a rank (None: keep it dense) and how it was reached."""
+
+    rank: Rank | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """Rules every selector's ranks pass through: hardware rounding and the break-even guard."""
+
+    round_to: int = 1
+    break_even: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to must be a positive integer, got {self.round_to!r}")
+
+    def rounded(self, candidate: Candidate, rank: Rank) -> Rank:
+        """``rank`` rounded to the nearest multiple of ``round_to`` (at least one), within the layer's maximum."""
+        full = candidate.decomposition.max_rank(candidate.info)
+        if self.round_to == 1:
+            return rank
+
+        def one(value: int, limit: int) -> int:
+            multiple = max(self.round_to, int(value / self.round_to + 0.5) * self.round_to)
+            return min(multiple, limit)
+
+        if isinstance(full, int):
+            return one(rank, full)
+        return tuple(one(value, limit) for value, limit in zip(rank, full, strict=True))
+
+    def finalize(self, candidate: Candidate, rank: Rank, why: str) -> Choice:
+        """Round ``rank``, then keep the layer dense if that rank cannot reduce its params or MACs."""
+        decomposition, info = candidate.decomposition, candidate.info
+        rank = self.rounded(candidate, rank)
+        if self.round_to > 1:
+            why = f"{why}; rounded to a multiple of {self.round_to}"
+        if self.break_even and not decomposition.pays_off(info, rank):
+            params = decomposition.params(info, rank) / info.dense_params
+            macs = f", {decomposition.macs(info, rank) / info.dense_macs:.0%} of MACs" if info.dense_macs else ""
+            return Choice(None, f"{why}; rank {rank} would keep {params:.0%} of params{macs}: not worth it, kept dense")
+        return Choice(rank, why)
+
+
+class Selector(ABC):
+    """Chooses ranks for a set of layers. ``spec`` is the string that recreates it (``parse_selector``)."""
+
+    spec: str
+    uses_break_even: bool = True
+
+    @abstractmethod
+    def choose(self, candidates: Sequence[Candidate], policy: RankPolicy) -> dict[str, Choice]:
+        """A choice for every candidate, keyed by layer name."""
+
+
+class PerLayerSelector(Selector):
+    """A selector that decides each layer on its own."""
+
+    def choose(self, candidates: Sequence[Candidate], policy: RankPolicy) -> dict[str, Choice]:
+        return {c.name: self.choose_layer(c, policy) for c in candidates}
+
+    @abstractmethod
+    def choose_layer(self, candidate: Candidate, policy: RankPolicy) -> Choice:
+        """The choice for one layer."""
