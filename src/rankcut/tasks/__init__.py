@@ -15,6 +15,13 @@ def _wordnet_gloss() -> Task:
     return WordNetGlossTask()
 
 
+def _fashion_mnist() -> Task:
+    from rankcut.tasks.fashion_mnist import FashionMNISTTask  # scoring only: any 1x28x28 classifier
+
+    return FashionMNISTTask("resnet20")
+
+
 TASKS["wordnet-gloss"] = _wordnet_gloss
+TASKS["fashion-mnist"] = _fashion_mnist
 
 __all__ = ["SPLITS", "TASKS", "ModelInputs", "Task", "call_model"]

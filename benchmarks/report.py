@@ -1,0 +1,85 @@
+"""Turn sweep JSON files into benchmarks/RESULTS.md tables and PNG plots.
+
+    python benchmarks/report.py benchmarks/results/*.json --out benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def table(results: dict) -> str:
+    """One markdown table: method × budget → kept shares, test metric, compression time, latency."""
+    metric = results["metric"]
+    base = results["original"]
+    lines = [
+        f"### {results['model']} on {results['task']} ({results['date']}, {results['machine']})",
+        "",
+        f"Original: {base['params']:,} params ({base['factorizable_params']:,} in factorizable layers), "
+        f"{base['macs']:,} MACs per example batch, test {metric} = {base['metrics'][metric]:.4f}.",
+        "",
+        f"| budget | method | factorizable params kept | params kept | MACs kept | test {metric} | Δ vs original "
+        "| compress s | latency b1 ms (orig) | latency b32 ms (orig) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(results["rows"], key=lambda r: (-r["budget"], r["method"])):
+        value = row["metrics"][metric]
+        latency = row["latency_ms"]
+        cells = [f"{row['budget']:.0%}", row["method"], f"{row['factorizable_kept']:.1%}", f"{row['params_kept']:.1%}",
+                 f"{row['macs_kept']:.1%}", f"{value:.4f}", f"{value - base['metrics'][metric]:+.4f}",
+                 f"{row['compress_seconds']:.1f}"]
+        for batch in ("1", "32"):
+            times = latency.get(batch)
+            cells.append(f"{times['compressed']:.2f} ({times['original']:.2f})" if times else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, out_dir: Path) -> Path:
+    """Metric vs factorizable params kept (left) and batch-32 latency vs MACs kept (right), one line per method."""
+    metric = results["metric"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = sorted({row["method"] for row in results["rows"]})
+    for method in methods:
+        rows = sorted((r for r in results["rows"] if r["method"] == method), key=lambda r: r["factorizable_kept"])
+        kept = [r["factorizable_kept"] for r in rows]
+        left.plot(kept, [r["metrics"][metric] for r in rows], marker="o", label=method)
+        right.scatter([r["macs_kept"] for r in rows],
+                      [r["latency_ms"]["32"]["compressed"] / r["latency_ms"]["32"]["original"] for r in rows],
+                      label=method)
+    left.axhline(results["original"]["metrics"][metric], color="black", linestyle="--", label="original")
+    left.set(xlabel="share of factorizable params kept", ylabel=f"test {metric}", title=results["model"])
+    right.axhline(1.0, color="black", linestyle="--")
+    right.set(xlabel="share of MACs kept", ylabel="latency / original (batch 32)", title="is it faster?")
+    left.legend(fontsize=7)
+    figure.tight_layout()
+    path = out_dir / f"{results['model']}.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--preamble", type=Path, default=Path(__file__).with_name("PREAMBLE.md"))
+    args = parser.parse_args()
+    sections = [args.preamble.read_text().rstrip()] if args.preamble.is_file() else []
+    for path in args.results:
+        results = json.loads(path.read_text())
+        image = plot(results, args.out.parent)
+        sections.append(table(results) + f"\n\n![{results['model']}]({image.name})")
+    args.out.write_text("\n\n".join(sections) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
