@@ -62,11 +62,15 @@ _task_option = click.option("--task", help="Built-in task name or module:functio
 _shape_option = click.option("--input-shape", help="Random example input shape, e.g. 1,3,32,32 (when no task).")
 
 
+def _model_options(command):
+    """MODEL, --weights, --task and --input-shape: how every command finds its model and inputs."""
+    for option in (_shape_option, _task_option, _weights_option, _model_argument):
+        command = option(command)
+    return command
+
+
 @main.command(help="List every layer: shape, params, MACs, the decomposition, its full and break-even ranks.")
-@_model_argument
-@_weights_option
-@_task_option
-@_shape_option
+@_model_options
 @click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
 @click.option("--spectrum", is_flag=True, help="Also print per-layer spectra (EVBMF, energy ranks) and plot them.")
 @click.option("--plot", default="spectrum.png", show_default=True, type=click.Path(dir_okay=False),
@@ -108,10 +112,7 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 
 
 @main.command(help="Factorize a model and save it (safetensors + plan.json), printing the plan and the report.")
-@_model_argument
-@_weights_option
-@_task_option
-@_shape_option
+@_model_options
 @click.option("--select", default="fixed:0.5", show_default=True,
               help=f"Rank selector: {EXAMPLES}. fixed/budget fractions are of params (or MACs) KEPT.")
 @click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
@@ -172,10 +173,7 @@ def evaluate(model: str, weights: str | None, task: str | None, split: str) -> N
 
 
 @main.command(help="CPU latency before/after: a saved directory against its source, or MODEL against --select.")
-@_model_argument
-@_weights_option
-@_task_option
-@_shape_option
+@_model_options
 @click.option("--select", default="fixed:0.5", show_default=True, help="Selector when MODEL is not a saved directory.")
 @click.option("--batch", "batches", multiple=True, type=int, default=(1, 32), show_default=True)
 @click.option("--repeats", default=20, show_default=True, type=int)

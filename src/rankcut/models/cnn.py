@@ -60,23 +60,13 @@ class BottleneckBlock(nn.Module):
         return torch.relu(self.expand(out) + self.shortcut(x))
 
 
-class ResNet(nn.Module):
-    """CIFAR-style ResNet (He et al. 2016): a 3×3 stem, three stages of 16/32/64 channels, global pooling.
+class _StagedNet(nn.Module):
+    """A stem conv, a sequence of residual blocks, global average pooling and a linear classifier."""
 
-    Each stage has ``blocks_per_stage`` basic blocks; depth is ``6 * blocks_per_stage + 2``.
-    """
-
-    def __init__(self, blocks_per_stage: int, num_classes: int = NUM_CLASSES, in_channels: int = IN_CHANNELS) -> None:
+    def __init__(self, stem: nn.Module, blocks: list[nn.Module], channels: int, num_classes: int) -> None:
         super().__init__()
-        self.stem = _conv_bn(in_channels, 16, 3)
-        layers: list[nn.Module] = []
-        channels = 16
-        for stage, out_channels in enumerate((16, 32, 64)):
-            for block in range(blocks_per_stage):
-                stride = 2 if stage > 0 and block == 0 else 1
-                layers.append(BasicBlock(channels, out_channels, stride))
-                channels = out_channels
-        self.layers = nn.Sequential(*layers)
+        self.stem = stem
+        self.layers = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
 
@@ -85,7 +75,24 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(out), 1))
 
 
-class ResNeXt(nn.Module):
+class ResNet(_StagedNet):
+    """CIFAR-style ResNet (He et al. 2016): a 3×3 stem, three stages of 16/32/64 channels, global pooling.
+
+    Each stage has ``blocks_per_stage`` basic blocks; depth is ``6 * blocks_per_stage + 2``.
+    """
+
+    def __init__(self, blocks_per_stage: int, num_classes: int = NUM_CLASSES, in_channels: int = IN_CHANNELS) -> None:
+        blocks: list[nn.Module] = []
+        channels = 16
+        for stage, out_channels in enumerate((16, 32, 64)):
+            for block in range(blocks_per_stage):
+                stride = 2 if stage > 0 and block == 0 else 1
+                blocks.append(BasicBlock(channels, out_channels, stride))
+                channels = out_channels
+        super().__init__(_conv_bn(in_channels, 16, 3), blocks, channels, num_classes)
+
+
+class ResNeXt(_StagedNet):
     """Small ResNeXt (Xie et al. 2017): three stages of bottleneck blocks with grouped 3×3 convolutions.
 
     Stage outputs are 64/128/256 channels with bottleneck widths 32/64/128, i.e. ``cardinality`` groups of
@@ -100,22 +107,14 @@ class ResNeXt(nn.Module):
         num_classes: int = NUM_CLASSES,
         in_channels: int = IN_CHANNELS,
     ) -> None:
-        super().__init__()
-        self.stem = _conv_bn(in_channels, 32, 3)
-        layers: list[nn.Module] = []
+        blocks: list[nn.Module] = []
         channels = 32
         for width, out_channels in ((32, 64), (64, 128), (128, 256)):
             for block in range(blocks_per_stage):
                 stride = 2 if block == 0 else 1
-                layers.append(BottleneckBlock(channels, width, out_channels, cardinality, stride))
+                blocks.append(BottleneckBlock(channels, width, out_channels, cardinality, stride))
                 channels = out_channels
-        self.layers = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(torch.relu(self.stem(x)))
-        return self.fc(torch.flatten(self.pool(out), 1))
+        super().__init__(_conv_bn(in_channels, 32, 3), blocks, channels, num_classes)
 
 
 class VGG(nn.Module):
