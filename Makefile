@@ -1,9 +1,14 @@
-# `make demo` compresses the built-in real model on real data; `make test` runs lint and the test suite.
-# Both install what they need first (Debian datasets + .venv with CPU torch).
+# `make demo` compresses the built-in real model on real data; `make test` runs lint and the test suite;
+# `make bench` runs the default benchmark sweep (ResNet-20 and MiniLM, two budgets, every method; about
+# 25 minutes on 2 cores) into runs/bench/. All install what they need first (Debian datasets + .venv).
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install bench
+
+BENCH_MODELS ?= resnet20 minilm
+BENCH_BUDGETS ?= 0.7,0.4
+BENCH_OUT ?= runs/bench
 
 $(STAMP): pyproject.toml constraints.txt scripts/install.sh
 	bash scripts/install.sh
@@ -15,7 +20,15 @@ demo: $(STAMP)
 	$(VENV)/bin/rankcut compress minilm --select fixed:0.9 --out runs/minilm --report runs/minilm-report.json --force
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts benchmarks
 
 test: lint
 	$(VENV)/bin/pytest
+
+bench: $(STAMP)
+	mkdir -p $(BENCH_OUT)
+	for model in $(BENCH_MODELS); do \
+		$(VENV)/bin/python benchmarks/sweep.py $$model --budgets $(BENCH_BUDGETS) --probe-samples 128 \
+			--out $(BENCH_OUT)/$$model.json || exit 1; \
+	done
+	$(VENV)/bin/python benchmarks/report.py $(BENCH_OUT)/*.json --out $(BENCH_OUT)/RESULTS.md

@@ -24,6 +24,7 @@ from torch import nn
 import rankcut
 from rankcut.counting import count_macs, count_params
 from rankcut.inventory import Inventory, scan
+from rankcut.joint import LossAware
 from rankcut.latency import compare_latency
 from rankcut.selectors import EVBMF, Energy, Selector
 from rankcut.sources import ZOO
@@ -55,7 +56,8 @@ def matched(make: Callable[[float], Selector], model: nn.Module, inventory: Inve
     return make(low), low
 
 
-def run(model_name: str, budgets: list[float], methods: list[str], repeats: int, batches: tuple[int, ...]) -> dict:
+def run(model_name: str, budgets: list[float], methods: list[str], repeats: int, batches: tuple[int, ...],
+        probe_samples: int) -> dict:
     task = ZOO[model_name].task()
     original = task.build_model()
     inputs = task.example_inputs()
@@ -82,26 +84,40 @@ def run(model_name: str, budgets: list[float], methods: list[str], repeats: int,
                              f"budget:params={f}"),
         "asvd": lambda f: (asvd(original, task, f), f"fixed:{f} on W·diag(mean|x|^0.5)"),
         "tltorch-tucker": lambda f: tltorch_tucker(original, f, names),
+        "lossless": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
+                                                                    progress=False)),
+        "compact": lambda f: _loss_aware(original, task, LossAware("compact", probe_samples=probe_samples,
+                                                                   progress=False)),
     }
-    for fraction in budgets:
-        for method in methods:
-            start = time.perf_counter()
-            compressed, setting = builders[method](fraction)
-            seconds = time.perf_counter() - start
-            metrics = task.evaluate(compressed, "test")
-            latency = compare_latency({"original": original, "compressed": compressed}, inputs, batches, repeats)
-            row = {
-                "method": method, "budget": fraction, "setting": setting,
-                "factorizable_kept": factorizable_kept(compressed, original_factorizable, names),
-                "params_kept": count_params(compressed) / results["original"]["params"],
-                "macs_kept": count_macs(compressed, inputs) / results["original"]["macs"],
-                "metrics": metrics, "compress_seconds": seconds,
-                "latency_ms": {str(b): {k: v * 1e3 for k, v in t.items()} for b, t in latency.items()},
-            }
-            results["rows"].append(row)
-            print(f"  {method:15s} budget {fraction:.2f}: kept {row['factorizable_kept']:.3f} "
-                  f"{task.metric_name}={metrics[task.metric_name]:.4f} ({seconds:.1f} s)", flush=True)
+    runs = [(f, m) for f in budgets for m in methods if m != "compact"] + [(None, "compact")] * ("compact" in methods)
+    for fraction, method in runs:
+        start = time.perf_counter()
+        compressed, setting = builders[method](fraction)
+        seconds = time.perf_counter() - start
+        metrics = task.evaluate(compressed, "test")
+        latency = compare_latency({"original": original, "compressed": compressed}, inputs, batches, repeats)
+        row = {
+            "method": method, "budget": fraction, "setting": setting,
+            "factorizable_kept": factorizable_kept(compressed, original_factorizable, names),
+            "params_kept": count_params(compressed) / results["original"]["params"],
+            "macs_kept": count_macs(compressed, inputs) / results["original"]["macs"],
+            "metrics": metrics, "compress_seconds": seconds,
+            "latency_ms": {str(b): {k: v * 1e3 for k, v in t.items()} for b, t in latency.items()},
+        }
+        if fraction is None:  # compact chooses its own size
+            row["budget"] = row["factorizable_kept"]
+        results["rows"].append(row)
+        print(f"  {method:15s} budget {row['budget']:.2f}: kept {row['factorizable_kept']:.3f} "
+              f"{task.metric_name}={metrics[task.metric_name]:.4f} ({seconds:.1f} s)", flush=True)
     return results
+
+
+def _loss_aware(model: nn.Module, task, selector: LossAware) -> tuple[nn.Module, str]:
+    compressed, report = rankcut.compress(model, selector, task=task, progress=False)
+    selection = report.plan.meta["selection"]
+    return compressed, (f"{selector.spec}, {selection['calibration_samples']} calibration samples, "
+                        f"{selection['probe_measurements']} probes, "
+                        f"{len(selection['validation_checks'])} validation checks, plan: {selection['plan_source']}")
 
 
 def _selector(model, inventory, make, fraction, label) -> tuple[nn.Module, str]:
@@ -110,7 +126,7 @@ def _selector(model, inventory, make, fraction, label) -> tuple[nn.Module, str]:
     return compressed, f"{label} knob {knob:.4f} (matched to budget)"
 
 
-METHODS = ["uniform-svd", "asvd", "tltorch-tucker", "energy", "evbmf", "budget"]
+METHODS = ["uniform-svd", "asvd", "tltorch-tucker", "energy", "evbmf", "budget", "lossless", "compact"]
 
 
 def main() -> None:
@@ -120,6 +136,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--probe-samples", type=int, default=512, help="lossless/compact: calibration samples "
+                        "per probe (fewer is faster; MiniLM's results used 128)")
+    parser.add_argument("--append", action="store_true", help="merge into --out, replacing rows of these methods")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -127,7 +146,10 @@ def main() -> None:
     if "tltorch-tucker" in methods and args.model == "minilm":
         methods.remove("tltorch-tucker")  # its Tucker applies to convs; MiniLM has none
     results = run(args.model, [float(b) for b in args.budgets.split(",")], methods, args.repeats,
-                  tuple(int(b) for b in args.batches.split(",")))
+                  tuple(int(b) for b in args.batches.split(",")), args.probe_samples)
+    if args.append and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        results["rows"] = [r for r in previous["rows"] if r["method"] not in methods] + results["rows"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

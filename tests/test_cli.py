@@ -112,3 +112,25 @@ def test_report_never_overwrites_an_input(tmp_path):
                  "--report", str(weights))
     assert result.exit_code == 2 and "is an input file" in result.output
     assert weights.read_bytes() == before
+
+
+def test_compress_lossless_from_the_shell(tmp_path):
+    report_path = tmp_path / "report.json"
+    result = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", "--select", "lossless",
+                 "--target", "params=0.5", "--calibration-samples", "32", "--batch-size", "16", "--split", "none",
+                 "--report", str(report_path), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "loss-aware selection (lossless" in result.output and "measured" in result.output
+    report = json.loads(report_path.read_text())
+    assert report["selector"] == "lossless:params=0.5"
+    assert report["selection"]["validation_checks"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--select", "fixed:0.5", "--target", "params=0.5"], "--target goes with --select lossless"),
+    (["--select", "compact", "--target", "params=0.5"], "compact finds its own size"),
+    (["--select", "lossless"], "lossless needs a size"),
+])
+def test_loss_aware_option_errors(args, message):
+    result = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", *args)
+    assert result.exit_code != 0 and message in result.output

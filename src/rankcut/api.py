@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from rankcut.counting import count_macs, count_params
 from rankcut.inventory import Candidate, DecompositionSpec, IgnoreSpec, Inventory, scan
-from rankcut.layers import Rank, get_decomposition
+from rankcut.layers import Decomposition, Rank, get_decomposition
 from rankcut.plan import LayerPlan, Plan
 from rankcut.report import Report
 from rankcut.selectors import Choice, RankPolicy, Selector, parse_selector
@@ -42,19 +42,34 @@ def _layer_plan(candidate: Candidate, choice: Choice | None) -> LayerPlan:
         params_after=decomposition.params(info, rank) if rank is not None else info.dense_params,
         macs_before=info.dense_macs,
         macs_after=decomposition.macs(info, rank) if rank is not None else info.dense_macs,
+        components=list(choice.components) if choice is not None and choice.components is not None else None,
     )
 
 
 def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example_inputs: ModelInputs | None = None,
               decomposition: DecompositionSpec = "svd", ignore: IgnoreSpec = (), round_to: int = 1,
-              inventory: Inventory | None = None) -> Plan:
-    """Choose a rank for every factorizable layer of ``model``, without changing it."""
+              inventory: Inventory | None = None, task: Task | None = None) -> Plan:
+    """Choose a rank for every factorizable layer of ``model``, without changing it.
+
+    Loss-aware selectors (``lossless``, ``compact``) measure ``model`` on ``task``'s calibration and
+    validation splits; the others only read the weights.
+    """
     selector = parse_selector(select)
     policy = RankPolicy(round_to=round_to, break_even=selector.uses_break_even)
+    if example_inputs is None and task is not None:
+        example_inputs = task.example_inputs()
     inventory = inventory or scan(model, example_inputs, decomposition, ignore)
+    if selector.needs_data:
+        if task is None:
+            raise ValueError(f"{selector.spec} chooses ranks from the model's loss: pass task=... "
+                             "(a built-in task, or an object with calibration_batches, loss and evaluate)")
+        selector.bind(model, task)
     choices = selector.choose(inventory.factorizable(), policy)
     layers = [_layer_plan(c, choices.get(c.name)) for c in inventory.candidates]
-    return Plan(layers, selector.spec, {"round_to": round_to})
+    meta: dict = {"round_to": round_to}
+    if getattr(selector, "summary", None):
+        meta["selection"] = selector.summary
+    return Plan(layers, selector.spec, meta)
 
 
 def _check_plan_matches(plan: Plan, candidates: Mapping[str, Candidate]) -> None:
@@ -96,13 +111,29 @@ def _replace_layers(model: nn.Module, plan: Plan, candidates: Mapping[str, Candi
         if unsupported:
             raise ValueError(f"layer {layer.name!r}: {unsupported}")
         rank: Rank = decomposition.check_rank(candidate.info, layer.rank)
+        components = _checked_components(layer, decomposition, rank)
         if fill:
             basis = candidate.basis(decomposition)
-            factors = decomposition.build(candidate.info, rank, basis, _bias(candidate.module))
-            layer.relative_error = decomposition.relative_error(basis, rank)
+            factors = decomposition.build(candidate.info, rank, basis, _bias(candidate.module), components)
+            layer.relative_error = decomposition.relative_error(basis, rank, components)
         else:
             factors = decomposition.build(candidate.info, rank)
         _set_module(model, layer.name, factors)
+
+
+def _checked_components(layer: LayerPlan, decomposition: Decomposition, rank: Rank) -> list[int] | None:
+    """The plan's kept-component list for a layer, after checking it fits the rank and the decomposition."""
+    components = layer.components
+    if components is None:
+        return None
+    if not decomposition.supports_components:
+        raise ValueError(f"layer {layer.name!r}: the plan keeps a subset of components, which {decomposition.name} "
+                         "cannot do (only svd can)")
+    valid = isinstance(rank, int) and all(isinstance(i, int) and 0 <= i < layer.max_rank for i in components)
+    if not valid or len(set(components)) != len(components) or len(components) != rank:
+        raise ValueError(f"layer {layer.name!r}: plan components must be {rank} distinct indices in "
+                         f"[0, {layer.max_rank}), got {components}")
+    return components
 
 
 def _bias(module: nn.Module):
@@ -135,6 +166,7 @@ def build_skeleton(model: nn.Module, plan: Plan) -> nn.Module:
 
 
 def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Task | None = None,
+             data: Task | None = None,
              example_inputs: ModelInputs | None = None, decomposition: DecompositionSpec = "svd",
              ignore: IgnoreSpec = (), round_to: int = 1, inplace: bool = False, progress: bool = True,
              evaluate_split: str | None = None) -> tuple[nn.Module, Report]:
@@ -143,14 +175,18 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     ``select`` is a spec (``"fixed:0.5"`` keeps ~50% of each factorizable layer's params, ``"rank:32"``,
     ``"full"``) or a ``Selector``. ``example_inputs`` (or ``task.example_inputs()``) let MACs be counted;
     with a ``task`` and ``evaluate_split`` the metric is measured before and after. The input model is left
-    untouched unless ``inplace``.
+    untouched unless ``inplace``. ``lossless``/``compact`` measure the model on ``data`` (or ``task``): a
+    built-in task or ``LoaderTask(calibration, validation, loss)`` built from your own batches.
     """
+    if data is not None and task is not None and data is not task:
+        raise ValueError("pass the task either as task= or as data=, not both")
+    task = task if task is not None else data
     start = time.perf_counter()
     if example_inputs is None and task is not None:
         example_inputs = task.example_inputs()
     model.eval()
     inventory = scan(model, example_inputs, decomposition, ignore)
-    plan = make_plan(model, select, decomposition=decomposition, round_to=round_to, inventory=inventory)
+    plan = make_plan(model, select, decomposition=decomposition, round_to=round_to, inventory=inventory, task=task)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs) if example_inputs is not None else None
     metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}

@@ -14,10 +14,11 @@ from rankcut.api import describe_inputs
 from rankcut.checkpoint import CheckpointError, prepare_output_dir, save, write_text_atomic
 from rankcut.counting import count_macs, count_params
 from rankcut.inventory import scan
+from rankcut.joint import LossAware
 from rankcut.latency import compare_latency
 from rankcut.plan import format_table
 from rankcut.report import describe_other_modules
-from rankcut.selectors import EXAMPLES
+from rankcut.selectors import EXAMPLES, Selector, parse_selector
 from rankcut.sources import ZOO, ModelSource, build_source_model, resolve_model, resolve_task
 from rankcut.spectrum_report import spectrum_report
 from rankcut.tasks.base import ModelInputs, Task
@@ -115,6 +116,10 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @_model_options
 @click.option("--select", default="fixed:0.5", show_default=True,
               help=f"Rank selector: {EXAMPLES}. fixed/budget fractions are of params (or MACs) KEPT.")
+@click.option("--target", help="Size for --select lossless: params=F or macs=F, the fraction KEPT (e.g. params=0.3).")
+@click.option("--calibration-samples", default=512, show_default=True, type=int,
+              help="lossless/compact: calibration samples for the loss statistics and probes.")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="lossless/compact: calibration batch size.")
 @click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
 @click.option("--ignore", multiple=True, help="Layer name (or prefix module) or type name to keep dense; repeatable.")
 @click.option("--round-to", default=1, show_default=True, type=int, help="Round ranks to a multiple of N.")
@@ -124,9 +129,14 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--force", is_flag=True, help="Allow a non-empty --out directory.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, select: str,
-             decomposition: str, ignore: tuple[str, ...], round_to: int, split: str, out: str | None,
-             report_path: str | None, force: bool, progress: bool) -> None:
+             target: str | None, calibration_samples: int, batch_size: int, decomposition: str,
+             ignore: tuple[str, ...], round_to: int, split: str, out: str | None, report_path: str | None,
+             force: bool, progress: bool) -> None:
     source, task_obj = _load(model, weights, task)
+    try:
+        selector = _selector(select, target, calibration_samples, batch_size, progress)
+    except ValueError as error:
+        _fail(str(error))
     protected = tuple(p for p in (source.checkpoint, weights) if p)
     try:
         if report_path and any(Path(report_path).resolve() == Path(p).resolve() for p in protected):
@@ -135,7 +145,7 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
             prepare_output_dir(out, force=force, protected=protected)
         inputs = _example_inputs(source, task_obj, input_shape)
         compressed, report = compress_model(
-            source.model, select, task=task_obj, example_inputs=inputs, decomposition=decomposition,
+            source.model, selector, task=task_obj, example_inputs=inputs, decomposition=decomposition,
             ignore=list(ignore), round_to=round_to, progress=progress,
             evaluate_split=None if split == "none" or task_obj is None else split)
     except (ValueError, CheckpointError) as error:
@@ -153,6 +163,26 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
     if report_path:
         write_text_atomic(Path(report_path), json.dumps(report.to_dict(), indent=2))
         click.echo(f"report written to {report_path}")
+
+
+def _selector(select: str, target: str | None, calibration_samples: int, batch_size: int,
+              progress: bool) -> Selector:
+    """The selector for ``--select`` (with ``--target`` for lossless), or a clear error."""
+    kind = select.partition(":")[0].strip().lower()
+    if kind not in ("lossless", "compact"):
+        if target:
+            raise ValueError("--target goes with --select lossless (e.g. --select lossless --target params=0.3)")
+        return parse_selector(select)
+    if kind == "lossless" and target:
+        if ":" in select:
+            raise ValueError("give the size either in --select lossless:params=F or in --target, not both")
+        select = f"lossless:{target}"
+    if kind == "compact" and target:
+        raise ValueError("compact finds its own size (the smallest with no loss); drop --target or use lossless")
+    selector = parse_selector(select)
+    metric = selector.metric
+    return LossAware(selector.mode, selector.fraction, metric, calibration_samples=calibration_samples,
+                     batch_size=batch_size, probe_samples=calibration_samples, progress=progress)
 
 
 @main.command(name="eval", help="Evaluate a model on a task split.")

@@ -15,6 +15,8 @@ PLAN_FORMAT = "rankcut.plan/1"
 class LayerPlan:
     """One layer's entry: what it is, what happens to it (``rank`` None: stays dense) and why.
 
+    ``components`` lists the kept singular triplets (0 = largest) when a selector kept a subset other than
+    the leading ``rank`` ones; None means the leading ones.
     ``supported`` is False for layers no rank could be given (depthwise, ignored, tied...): they are not
     counted as factorizable.
     """
@@ -33,6 +35,7 @@ class LayerPlan:
     macs_before: int = 0
     macs_after: int = 0
     relative_error: float | None = None
+    components: list[int] | None = None  # kept singular triplets when not the leading ``rank`` ones
 
     @property
     def factorized(self) -> bool:

@@ -46,6 +46,7 @@ class Report:
             "metric": metric,
             "seconds": round(self.seconds, 3),
             "selector": self.plan.selector,
+            "selection": self.plan.meta.get("selection"),
             "layers": [layer.to_dict() for layer in self.plan.layers],
             "unsupported_modules": [{"name": n, "type": t, "params": p} for n, t, p in self.other_modules],
         }
@@ -65,9 +66,26 @@ class Report:
         text = format_table(rows)
         layers = len(self.plan.layers)
         text += f"\n{factorized} of {layers} layers factorized ({self.plan.selector}) in {self.seconds:.1f} s"
+        selection = self.plan.meta.get("selection")
+        if selection:
+            text += "\n" + describe_selection(selection)
         if self.other_modules:
             text += "\n" + describe_other_modules(self.other_modules)
         return text
+
+
+def describe_selection(selection: dict) -> str:
+    """What a loss-aware selector measured: calibration loss change predicted vs measured, validation checks."""
+    lines = [f"loss-aware selection ({selection['mode']}, plan from {selection['plan_source']}): "
+             f"{selection['calibration_samples']} calibration samples, {selection['probe_measurements']} probe "
+             f"passes, {selection['seconds']['total']:.1f} s",
+             f"calibration loss {selection['calibration_loss']:.4f}: change predicted "
+             f"{selection['predicted_loss_change']:+.4f} (sum over layers), "
+             f"measured {selection['measured_loss_change']:+.4f}"]
+    for check in selection["validation_checks"]:
+        values = ", ".join(f"{k}={v:.4f}" for k, v in check["validation"].items())
+        lines.append(f"  validation, {check['plan']}: {values}")
+    return "\n".join(lines)
 
 
 def describe_other_modules(other_modules: list[tuple[str, str, int]]) -> str:

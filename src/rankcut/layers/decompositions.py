@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +42,7 @@ class Decomposition(ABC):
     """
 
     name: ClassVar[str]
+    supports_components: ClassVar[bool] = False  # can keep any subset of components, not only the leading ones
 
     def __init_subclass__(cls, *, name: str, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -72,12 +74,16 @@ class Decomposition(ABC):
         """The per-layer decomposition that every rank is sliced from (float64)."""
 
     @abstractmethod
-    def relative_error(self, basis: Any, rank: Rank) -> float:
-        """‖W − W_r‖_F / ‖W‖_F of the rank-``rank`` factorization."""
+    def relative_error(self, basis: Any, rank: Rank, components: Sequence[int] | None = None) -> float:
+        """‖W − W_r‖_F / ‖W‖_F of the rank-``rank`` factorization (of ``components`` when given)."""
 
     @abstractmethod
-    def build(self, info: LayerInfo, rank: Rank, basis: Any = None, bias: torch.Tensor | None = None) -> Factorized:
-        """Factor modules for ``rank``: filled from ``basis``, or an empty skeleton to load weights into."""
+    def build(self, info: LayerInfo, rank: Rank, basis: Any = None, bias: torch.Tensor | None = None,
+              components: Sequence[int] | None = None) -> Factorized:
+        """Factor modules for ``rank``: filled from ``basis``, or an empty skeleton to load weights into.
+
+        ``components`` keeps chosen singular triplets instead of the leading ones (``supports_components``).
+        """
 
     @abstractmethod
     def spectra(self, basis: Any) -> list[Spectrum]:
@@ -122,6 +128,11 @@ class Decomposition(ABC):
         return info.output_positions == 0 or self.macs(info, rank) < info.dense_macs
 
 
+def _no_components(name: str, components: Sequence[int] | None) -> None:
+    if components is not None:
+        raise ValueError(f"{name} keeps leading components only; a component subset needs the svd decomposition")
+
+
 def _conv(info: LayerInfo, n_in: int, n_out: int, kernel: tuple[int, ...] | None, bias: bool) -> nn.Module:
     """A ConvNd like the layer's own (``kernel`` None: a 1x1 pointwise conv with the layer's groups)."""
     conv_type = _CONV_TYPES[info.spatial_dims]
@@ -143,6 +154,8 @@ def _fill(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 class SVD(Decomposition, name="svd"):
     """Truncated SVD: Linear → Linear(n→r) · Linear(r→m); conv → k×k conv to r channels · 1×1 conv (per group)."""
+
+    supports_components = True
 
     def unsupported_reason(self, info: LayerInfo) -> str | None:
         return _depthwise_reason(info)
@@ -168,14 +181,14 @@ class SVD(Decomposition, name="svd"):
     def basis(self, kernel: torch.Tensor) -> Spectrum:
         return Spectrum.of(kernel.reshape(kernel.shape[0], kernel.shape[1], -1))
 
-    def relative_error(self, basis: Spectrum, rank: Rank) -> float:
-        return basis.relative_error(rank)
+    def relative_error(self, basis: Spectrum, rank: Rank, components: Sequence[int] | None = None) -> float:
+        return basis.relative_error(rank) if components is None else basis.kept_error(components)
 
     def spectra(self, basis: Spectrum) -> list[Spectrum]:
         return [basis]
 
     def build(self, info: LayerInfo, rank: Rank, basis: Spectrum | None = None,
-              bias: torch.Tensor | None = None) -> Factorized:
+              bias: torch.Tensor | None = None, components: Sequence[int] | None = None) -> Factorized:
         if info.is_conv:
             first = _conv(info, info.in_channels, info.groups * rank, info.kernel_size, bias=False)
             second = _conv(info, info.groups * rank, info.out_channels, None, bias=info.has_bias)
@@ -184,7 +197,7 @@ class SVD(Decomposition, name="svd"):
             first = nn.Linear(info.in_channels, rank, bias=False, **options)
             second = nn.Linear(rank, info.out_channels, bias=info.has_bias, **options)
         if basis is not None:
-            A, B = basis.factors(rank)  # (g, T/g, r), (g, r, S/g·k)
+            A, B = basis.factors(rank, components)  # (g, T/g, r), (g, r, S/g·k)
             _fill(first, B)
             _fill(second, A, bias)
         return Factorized([first, second], self.name, rank)
@@ -226,14 +239,16 @@ class Tucker2(Decomposition, name="tucker2"):
     def basis(self, kernel: torch.Tensor) -> TuckerBasis:
         return TuckerBasis.of(kernel)
 
-    def relative_error(self, basis: TuckerBasis, rank: Rank) -> float:
+    def relative_error(self, basis: TuckerBasis, rank: Rank, components: Sequence[int] | None = None) -> float:
+        _no_components(self.name, components)
         return basis.factorize(tuple(rank)).relative_error
 
     def spectra(self, basis: TuckerBasis) -> list[Spectrum]:
         return [basis.out_spectrum, basis.in_spectrum]
 
     def build(self, info: LayerInfo, rank: Rank, basis: TuckerBasis | None = None,
-              bias: torch.Tensor | None = None) -> Factorized:
+              bias: torch.Tensor | None = None, components: Sequence[int] | None = None) -> Factorized:
+        _no_components(self.name, components)
         r_out, r_in = rank
         g = info.groups
         first = _conv(info, info.in_channels, g * r_in, None, bias=False)

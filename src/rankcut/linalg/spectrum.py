@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,11 +62,38 @@ class Spectrum:
             return 0.0
         return float((squares[:, rank:].sum() / total).sqrt())
 
-    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Balanced factors ``A (g, m, r)`` and ``B (g, r, n)`` with ``A @ B`` the rank-``rank`` truncation."""
+    def factors(self, rank: int, components: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced factors ``A (g, m, r)`` and ``B (g, r, n)`` with ``A @ B`` the rank-``rank`` truncation.
+
+        ``components`` (``rank`` distinct indices) keeps those singular triplets instead of the leading ones.
+        """
+        index = self.component_index(rank, components)
+        root = self.S[:, index].sqrt()
+        A = self.U[:, :, index] * root.unsqueeze(1)
+        B = root.unsqueeze(2) * self.Vh[:, index, :]
+        return A, B
+
+    def component_index(self, rank: int, components: Sequence[int] | None = None) -> torch.Tensor:
+        """Indices of the kept triplets: the leading ``rank``, or ``components`` after checking them."""
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
-        root = self.S[:, :rank].sqrt()
-        A = self.U[:, :, :rank] * root.unsqueeze(1)
-        B = root.unsqueeze(2) * self.Vh[:, :rank, :]
-        return A, B
+        if components is None:
+            return torch.arange(rank)
+        kept = sorted(set(components))
+        if len(kept) != len(components) or len(kept) != rank or kept[0] < 0 or kept[-1] >= self.max_rank:
+            raise ValueError(f"components must be {rank} distinct indices in [0, {self.max_rank}), got {components}")
+        return torch.tensor(kept)
+
+    def reconstruct(self, components: Sequence[int]) -> torch.Tensor:
+        """``Σ_i σ_i u_i v_iᵀ`` over ``components`` (may be empty), per group: shape (g, m, n)."""
+        index = torch.tensor(sorted(components), dtype=torch.long)
+        return (self.U[:, :, index] * self.S[:, index].unsqueeze(1)) @ self.Vh[:, index, :]
+
+    def kept_error(self, components: Sequence[int]) -> float:
+        """‖M − M_K‖_F / ‖M‖_F when only ``components`` are kept."""
+        squares = self.S**2
+        total = squares.sum()
+        if total == 0:
+            return 0.0
+        kept = squares[:, torch.tensor(sorted(components), dtype=torch.long)].sum()
+        return float(((total - kept).clamp(min=0) / total).sqrt())

@@ -5,6 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
 
 from rankcut.inventory import Candidate
 from rankcut.layers import Rank
@@ -12,10 +15,14 @@ from rankcut.layers import Rank
 
 @dataclass(frozen=True)
 class Choice:
-    """A selector's decision for one layer: a rank (None: keep it dense) and how it was reached."""
+    """A selector's decision for one layer: a rank (None: keep it dense) and how it was reached.
+
+    ``components``: the kept singular triplets when they are not the leading ``rank`` ones.
+    """
 
     rank: Rank | None
     reason: str
+    components: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -57,10 +64,20 @@ class RankPolicy:
 
 
 class Selector(ABC):
-    """Chooses ranks for a set of layers. ``spec`` is the string that recreates it (``parse_selector``)."""
+    """Chooses ranks for a set of layers. ``spec`` is the string that recreates it (``parse_selector``).
+
+    ``needs_data`` selectors measure the model: they get it and a task through ``bind`` before ``choose``.
+    ``summary`` holds what a selector wants recorded in the plan's meta (e.g. validation checks).
+    """
 
     spec: str
     uses_break_even: bool = True
+    needs_data: bool = False
+    summary: dict[str, Any]
+
+    def bind(self, model: nn.Module, task: Any) -> None:
+        """Give a data-driven selector the model and the task (calibration, loss, validation) it measures."""
+        self.model, self.task = model, task
 
     @abstractmethod
     def choose(self, candidates: Sequence[Candidate], policy: RankPolicy) -> dict[str, Choice]:

@@ -30,6 +30,23 @@ def _budget(arg: str | None) -> Selector:
     return Budget(_number("budget", value, float), metric or "params")
 
 
+def _lossless(arg: str | None) -> Selector:
+    from rankcut.joint import LossAware
+
+    metric, _, value = (arg or "").rpartition("=")
+    if not value:
+        raise ValueError("lossless needs a size to keep, e.g. lossless:params=0.5 or lossless:macs=0.4")
+    return LossAware("lossless", _number("lossless", value, float), metric or "params")
+
+
+def _compact(arg: str | None) -> Selector:
+    from rankcut.joint import LossAware
+
+    if arg:
+        raise ValueError(f"compact takes no argument (its size is the smallest with no loss), got {arg!r}")
+    return LossAware("compact")
+
+
 SELECTORS: dict[str, Callable[[str | None], Selector]] = {
     "full": _no_argument("full", FullRank),
     "fixed": lambda arg: FixedFraction(_number("fixed", arg, float)),
@@ -37,9 +54,12 @@ SELECTORS: dict[str, Callable[[str | None], Selector]] = {
     "energy": lambda arg: Energy(_number("energy", arg, float)),
     "evbmf": lambda arg: EVBMF(_number("evbmf", arg, float) if arg else 1.0),
     "budget": _budget,
+    "lossless": _lossless,
+    "compact": _compact,
 }
 
-EXAMPLES = "full, fixed:0.5, rank:32, energy:0.95, evbmf, evbmf:0.8, budget:params=0.4, budget:macs=0.5"
+EXAMPLES = ("full, fixed:0.5, rank:32, energy:0.95, evbmf, evbmf:0.8, budget:params=0.4, budget:macs=0.5, "
+            "lossless:params=0.5 (needs a task), compact (needs a task)")
 
 
 def parse_selector(select: str | Selector) -> Selector:

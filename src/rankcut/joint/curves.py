@@ -1,0 +1,123 @@
+"""One layer's loss change as its components are removed one by one: Taylor prediction, corrected by probes.
+
+The prediction (``ComponentStats``) is cheap for every removal count but trustworthy only for small
+perturbations. Probes measure the real change at a few counts; where they disagree with the prediction, the
+measured residual is carried along (interpolated in the dropped energy ‖δ‖²/‖W‖², extrapolated in proportion
+to it), and the layer's trusted range ends at the last probe that agreed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rankcut.inventory import Candidate
+from rankcut.joint.statistics import ComponentStats
+
+ORDERS = ("taylor", "spectrum")
+
+
+def removal_order(stats: ComponentStats, sigma_squared: torch.Tensor, order: str, window: int = 4) -> list[int]:
+    """Component indices in the order they are dropped.
+
+    ``spectrum``: smallest singular value first (plain truncation). ``taylor``: greedily, among the ``window``
+    smallest components left, the one whose removal adds the least predicted loss given those already removed
+    (first and second order), so a component that hurts the loss can go before smaller ones. The window keeps
+    the reordering where the Taylor terms are trustworthy: unrestricted reordering drops large components whose
+    first-order gain is not real (measured: ResNet-20 at 50% params, validation accuracy 0.75 vs 0.93).
+    """
+    n = stats.a.shape[1]
+    if order == "spectrum":
+        return list(range(n - 1, -1, -1))
+    if order != "taylor":
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    a = stats.a
+    samples = a.shape[0]
+    mean = a.mean(0)
+    curvature = 0.5 * (a**2).mean(0)
+    direction = torch.zeros(samples, dtype=a.dtype)
+    remaining = torch.ones(n, dtype=torch.bool)
+    sequence = []
+    # ties (e.g. components the data never excites) fall back to the spectrum: smallest σ first
+    tie_break = -sigma_squared / (sigma_squared.max() + 1e-300) * 1e-12
+    for _ in range(n):
+        marginal = -mean + (direction @ a) / samples + curvature + tie_break
+        allowed = remaining.nonzero().flatten()[-window:]  # components are stored largest first
+        blocked = torch.ones(n, dtype=torch.bool)
+        blocked[allowed] = False
+        marginal[blocked] = float("inf")
+        chosen = int(marginal.argmin())
+        sequence.append(chosen)
+        remaining[chosen] = False
+        direction += a[:, chosen]
+    return sequence
+
+
+@dataclass
+class LayerCurve:
+    """Predicted and measured loss change of one layer for 0..n−1 removed components (rank n..1)."""
+
+    candidate: Candidate
+    order: list[int]
+    predicted: torch.Tensor  # (n,): predicted change with the first k of ``order`` removed
+    dropped_energy: torch.Tensor  # (n,): ‖δ‖²/‖W‖² with k removed
+    probes: dict[int, float] = field(default_factory=lambda: {0: 0.0})
+
+    @classmethod
+    def of(cls, candidate: Candidate, stats: ComponentStats, order: str) -> LayerCurve:
+        spectrum = candidate.basis()
+        sigma_squared = (spectrum.S**2).sum(0)
+        sequence = removal_order(stats, sigma_squared, order)
+        index = torch.tensor(sequence)
+        direction = torch.cumsum(stats.a[:, index], dim=1)  # (S, n): Σ a over the first k+1 removed
+        change = -direction.mean(0) + 0.5 * (direction**2).mean(0)
+        predicted = torch.cat([torch.zeros(1, dtype=change.dtype), change[:-1]])
+        energy = torch.cumsum(sigma_squared[index], 0) / sigma_squared.sum().clamp(min=1e-300)
+        dropped = torch.cat([torch.zeros(1, dtype=energy.dtype), energy[:-1]])
+        return cls(candidate, sequence, predicted, dropped)
+
+    @property
+    def max_rank(self) -> int:
+        return len(self.order)
+
+    def kept(self, removed: int) -> tuple[int, ...]:
+        """Indices of the components kept when the first ``removed`` of the order are dropped."""
+        return tuple(sorted(self.order[removed:]))
+
+    def residual(self, removed: int) -> float:
+        """Measured minus predicted change, interpolated between probes in dropped energy."""
+        points = sorted(self.probes)
+        energy = self.dropped_energy
+        residuals = [self.probes[k] - float(self.predicted[k]) for k in points]
+        if removed in self.probes:
+            return residuals[points.index(removed)]
+        below = max(k for k in points if k < removed)
+        above = [k for k in points if k > removed]
+        r_below = residuals[points.index(below)]
+        if above:
+            k_above = above[0]
+            span = float(energy[k_above] - energy[below])
+            weight = float(energy[removed] - energy[below]) / span if span > 0 else 1.0
+            return r_below + weight * (residuals[points.index(k_above)] - r_below)
+        if r_below <= 0 or below == 0:
+            return r_below
+        return r_below * max(1.0, float(energy[removed] / energy[below].clamp(min=1e-300)))
+
+    def estimate(self, removed: int) -> float:
+        """Best estimate of the loss change with ``removed`` components dropped: prediction plus residual."""
+        return float(self.predicted[removed]) + self.residual(removed)
+
+    def trusted(self, tolerance: float) -> int:
+        """Largest probed removal count up to which every probe agreed with the prediction."""
+        trusted = 0
+        for k in sorted(self.probes):
+            measured, predicted = self.probes[k], float(self.predicted[k])
+            if abs(measured - predicted) > tolerance + 0.5 * abs(measured):
+                break
+            trusted = k
+        return trusted
+
+    def known(self, removed: int, tolerance: float) -> bool:
+        """True when the change at ``removed`` was measured or lies in the trusted range."""
+        return removed in self.probes or removed <= self.trusted(tolerance)

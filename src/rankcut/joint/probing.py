@@ -1,0 +1,66 @@
+"""Real loss measurements of partly factorized models, by swapping in low-rank weights without module surgery.
+
+A layer whose weight is replaced by ``Σ_{i∈K} σ_i u_i v_iᵀ`` computes exactly what its factorized form
+computes (up to float rounding), so measuring a plan needs no copy of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankcut.inventory import Candidate
+from rankcut.joint.statistics import LossFn
+
+
+def low_rank_weight(candidate: Candidate, kept: Sequence[int]) -> torch.Tensor:
+    """The layer's weight rebuilt from its ``kept`` singular components, in the module's layout and dtype."""
+    info = candidate.info
+    kernel = candidate.basis().reconstruct(kept).reshape(info.out_channels, info.in_per_group, *info.kernel_size)
+    if info.kind == "hf_conv1d":
+        kernel = kernel.t()
+    return kernel.to(candidate.module.weight.dtype)
+
+
+@contextmanager
+def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Sequence[int]]) -> Iterator[None]:
+    """Within the block, each named layer's weight keeps only its ``kept`` components; restored afterwards."""
+    originals = {}
+    try:
+        for name, components in kept.items():
+            module = candidates[name].module
+            originals[name] = module.weight.data
+            module.weight.data = low_rank_weight(candidates[name], components)
+        yield
+    finally:
+        for name, weight in originals.items():
+            candidates[name].module.weight.data = weight
+
+
+class LossProbe:
+    """Mean loss over a fixed list of calibration batches, and its change when layers are truncated."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Any], loss: LossFn) -> None:
+        self.model, self.batches, self.loss = model, list(batches), loss
+        self.measurements = 0
+        self.baseline = self.measure()
+
+    def measure(self) -> float:
+        """The current model's mean loss on the probe batches (forward passes only)."""
+        self.model.eval()
+        with torch.no_grad():
+            values = [float(self.loss(self.model, batch)) for batch in self.batches]
+        self.measurements += 1
+        value = sum(values) / len(values)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"probe loss is {value}: a truncated layer broke the model's numerics")
+        return value
+
+    def change(self, candidates: Mapping[str, Candidate], kept: Mapping[str, Sequence[int]]) -> float:
+        """Measured loss change when the named layers keep only the given components."""
+        with substituted(candidates, kept):
+            return self.measure() - self.baseline

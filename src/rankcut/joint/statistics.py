@@ -1,0 +1,135 @@
+"""Per-component loss statistics of every layer, from one forward and one backward pass over calibration data.
+
+For a layer ``W = Σ_g Σ_i σ_gi u_gi v_giᵀ`` (one SVD per conv group), the directional derivative of a sample's
+loss along component i is ``a_si = Σ_g σ_gi u_giᵀ (∂ℓ_s/∂W_g) v_gi``. It is gathered with hooks without ever
+forming ∂L/∂W: inputs are projected on the right singular vectors (for a conv, the vectors are k×k filters),
+output gradients on the left ones, and their product is summed over positions (tokens or pixels).
+Dropping a set D of components then changes the loss by about ``-Σ_{i∈D} mean_s a_si`` (first order) plus
+``½ mean_s (Σ_{i∈D} a_si)²`` (second order, empirical Fisher) — for every D, from these numbers alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankcut.inventory import Candidate
+from rankcut.linalg import Spectrum
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ComponentStats:
+    """One layer's per-sample loss derivatives along its singular components: ``a`` has shape (samples, rank)."""
+
+    name: str
+    a: torch.Tensor  # float64, (S, n): a_si = σ_i · u_iᵀ (∂ℓ_s/∂W) v_i, summed over groups
+
+    @property
+    def gradient(self) -> torch.Tensor:
+        """Mean over samples of ``a``: minus the first-order loss change of dropping each component."""
+        return self.a.mean(0)
+
+    def predicted_change(self, dropped: Sequence[int]) -> float:
+        """Second-order Taylor estimate of the loss change when ``dropped`` components are removed."""
+        if not dropped:
+            return 0.0
+        direction = self.a[:, torch.tensor(list(dropped), dtype=torch.long)].sum(1)
+        return float(-direction.mean() + 0.5 * (direction**2).mean())
+
+
+class _Projector:
+    """Projects one layer's inputs and output gradients on its singular vectors and accumulates ``a``."""
+
+    def __init__(self, candidate: Candidate, spectrum: Spectrum) -> None:
+        info = candidate.info
+        self.info, self.module = info, candidate.module
+        self.groups, self.rank = spectrum.U.shape[0], spectrum.max_rank
+        dtype = info.dtype
+        self.left = spectrum.U.to(dtype)  # (g, m, n)
+        # Right vectors as a weight that maps inputs to (g·n) projections: Linear weight or grouped conv filters.
+        self.right = spectrum.Vh.to(dtype).reshape(self.groups * self.rank, info.in_per_group, *info.kernel_size)
+        self.sigma = spectrum.S.to(torch.float64)  # (g, n)
+        self.chunks: list[torch.Tensor] = []
+
+    def project_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``Vᵀ x`` at every output position: (B, g, n, positions)."""
+        info = self.info
+        if not info.is_conv:
+            projected = x @ self.right.reshape(self.rank, -1).T  # (B, ..., n)
+            return projected.reshape(x.shape[0], -1, 1, self.rank).permute(0, 2, 3, 1)
+        # the layer's own conv (stride, padding incl. "same", dilation, padding_mode, groups) with our filters
+        projected = self.module._conv_forward(x, self.right, None)
+        return projected.reshape(x.shape[0], self.groups, self.rank, -1)
+
+    def project_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """``Uᵀ g`` at every output position: (B, g, n, positions)."""
+        batch = grad.shape[0]
+        if not self.info.is_conv:
+            projected = grad @ self.left[0]  # (B, ..., n)
+            return projected.reshape(batch, -1, 1, self.rank).permute(0, 2, 3, 1)
+        grad = grad.reshape(batch, self.groups, self.info.out_per_group, -1)
+        return torch.einsum("bgmp,gmn->bgnp", grad, self.left)
+
+    def accumulate(self, x_projected: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add one call's per-sample derivatives; the loss is a batch mean, so each sample's share is ×B."""
+        g_projected = self.project_gradient(grad)
+        per_sample = (x_projected * g_projected).sum(-1).to(torch.float64)  # (B, g, n)
+        self.chunks.append((per_sample * self.sigma).sum(1) * x_projected.shape[0])
+
+    def result(self, name: str) -> ComponentStats | None:
+        """The layer's statistics, or None when the loss never depended on it."""
+        return ComponentStats(name, torch.cat(self.chunks)) if self.chunks else None
+
+
+def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches: Iterable[Any], loss: LossFn,
+                      progress: Callable[[Iterable[Any]], Iterable[Any]] = iter) -> dict[str, ComponentStats]:
+    """``ComponentStats`` of every candidate (SVD basis), from one forward and backward pass per batch.
+
+    Layers the loss does not depend on (never called, or not on the path to the loss) are left out.
+    The model's parameters and their ``.grad`` are left untouched: gradients are taken with respect to the
+    layers' outputs only. Batches must put samples on the first dimension of every layer's input.
+    """
+    projectors = {c.name: _Projector(c, c.basis()) for c in candidates}
+    pending: list[tuple[_Projector, torch.Tensor, torch.Tensor]] = []
+
+    def hook(projector: _Projector):
+        def record(_module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            if output.requires_grad:
+                with torch.no_grad():
+                    pending.append((projector, projector.project_input(inputs[0].detach()), output))
+        return record
+
+    handles = [c.module.register_forward_hook(hook(projectors[c.name])) for c in candidates]
+    was_training = model.training
+    frozen = [c.module.weight for c in candidates if not c.module.weight.requires_grad]
+    model.eval()
+    try:
+        for weight in frozen:  # outputs must carry gradients even when the user froze the model
+            weight.requires_grad_(True)
+        for batch in progress(batches):
+            pending.clear()
+            with torch.enable_grad():
+                value = loss(model, batch)
+                if not torch.isfinite(value):
+                    raise ValueError(f"calibration loss is {float(value)}; the model or the data is broken")
+                outputs = [output for _, _, output in pending]
+                grads = torch.autograd.grad(value, outputs, allow_unused=True)
+            with torch.no_grad():
+                for (projector, x_projected, _), grad in zip(pending, grads, strict=True):
+                    if grad is not None:
+                        projector.accumulate(x_projected, grad)
+    finally:
+        pending.clear()
+        for handle in handles:
+            handle.remove()
+        for weight in frozen:
+            weight.requires_grad_(False)
+        model.train(was_training)
+    results = {name: projector.result(name) for name, projector in projectors.items()}
+    return {name: stats for name, stats in results.items() if stats is not None}

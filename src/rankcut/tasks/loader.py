@@ -1,0 +1,58 @@
+"""A task made of the user's own batches and loss, for the loss-aware selectors when no built-in task fits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankcut.tasks.base import ModelInputs
+
+
+class LoaderTask:
+    """Calibration batches, validation batches and a loss: enough for ``lossless`` and ``compact``.
+
+    ``loss(model, batch)`` returns the batch's mean loss. Validation is judged by that loss alone (the
+    metric is ``neg_loss``, higher is better), so keep the validation batches apart from the calibration
+    ones. Batches are re-iterated, so pass lists or loaders, not one-shot generators.
+    """
+
+    name = "user-data"
+    metric_name = "neg_loss"
+
+    def __init__(self, calibration: Iterable[Any], validation: Iterable[Any],
+                 loss: Callable[[nn.Module, Any], torch.Tensor], example_inputs: ModelInputs | None = None) -> None:
+        if iter(calibration) is calibration or iter(validation) is validation:
+            raise TypeError("calibration and validation must be re-iterable (a list or a DataLoader), not iterators")
+        self.calibration, self.validation, self.loss_fn = calibration, validation, loss
+        self._example_inputs = example_inputs
+
+    def build_model(self) -> nn.Module:
+        raise TypeError("a LoaderTask has no model of its own: pass your model to rankcut.compress")
+
+    def example_inputs(self) -> ModelInputs | None:
+        return self._example_inputs
+
+    def calibration_batches(self, num_samples: int, batch_size: int) -> Iterator[Any]:
+        """The user's calibration batches as given (``batch_size`` is theirs), up to ``num_samples`` samples."""
+        seen = 0
+        for batch in self.calibration:
+            if seen >= num_samples:
+                return
+            yield batch
+            first = batch[0] if isinstance(batch, (tuple, list)) else batch
+            seen += len(first) if hasattr(first, "__len__") else 1
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.loss_fn(model, batch)
+
+    def evaluate(self, model: nn.Module, split: str = "validation") -> dict[str, float]:
+        if split != "validation":
+            raise ValueError(f"a LoaderTask only has a validation split, not {split!r}")
+        model.eval()
+        with torch.no_grad():
+            values = [float(self.loss_fn(model, batch)) for batch in self.validation]
+        loss = sum(values) / len(values)
+        return {"loss": loss, "neg_loss": -loss}

@@ -1,0 +1,225 @@
+"""Loss-aware selection (lossless / compact): statistics against finite differences, prediction against
+measurement, a planted rank that compact must find, budgets lossless must respect, component-subset plans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rankcut
+from rankcut.inventory import scan
+from rankcut.joint import LayerCurve, LossAware, LossProbe, gather_statistics, removal_order
+from rankcut.plan import Plan
+
+from toy_models import Conv1D, ToyCNN, ToyTask
+
+
+class PlantedTask:
+    """Regression onto a teacher whose first layer has rank 3; the student's first layer adds a small harmful
+    full-rank perturbation, so the best compact model keeps exactly 3 components there."""
+
+    name = "planted"
+    metric_name = "neg_loss"
+    signal_rank = 3
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        U = torch.linalg.qr(torch.randn(24, self.signal_rank, generator=g))[0]
+        V = torch.linalg.qr(torch.randn(20, self.signal_rank, generator=g))[0]
+        self.teacher_first = U @ torch.diag(torch.tensor([8.0, 6.0, 4.0])) @ V.T
+        self.noise = 0.05 * torch.randn(24, 20, generator=g)
+        self.second = torch.randn(6, 24, generator=g) / 5
+        self.inputs = {split: torch.randn(256, 20, generator=g) for split in ("calibration", "validation", "test")}
+
+    def build_model(self) -> nn.Module:
+        model = nn.Sequential(nn.Linear(20, 24, bias=False), nn.Linear(24, 6, bias=False))
+        with torch.no_grad():
+            model[0].weight.copy_(self.teacher_first + self.noise)
+            model[1].weight.copy_(self.second)
+        return model.eval()
+
+    def teacher(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.teacher_first.T @ self.second.T
+
+    def example_inputs(self) -> torch.Tensor:
+        return self.inputs["calibration"][:4]
+
+    def calibration_batches(self, num_samples: int, batch_size: int):
+        x = self.inputs["calibration"][:num_samples]
+        for start in range(0, len(x), batch_size):
+            yield x[start:start + batch_size]
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return ((model(batch) - self.teacher(batch)) ** 2).sum(1).mean()
+
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        with torch.no_grad():
+            loss = float(self.loss(model, self.inputs[split]))
+        return {"loss": loss, "neg_loss": -loss}
+
+
+class MixedModel(nn.Module):
+    """A grouped conv with reflect padding and stride, an HF-style Conv1D and a Linear, for the statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="reflect", groups=2)
+        self.proj = Conv1D(12, 6)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.conv(x))  # (B, 6, 4, 4)
+        x = torch.tanh(self.proj(x.flatten(2).transpose(1, 2).contiguous()))  # tokens: (B, 16, 12)
+        return self.head(x.mean(1))
+
+
+def _mixed_setup():
+    torch.manual_seed(0)
+    model = MixedModel().double().eval()
+    x = torch.randn(12, 4, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (12,))
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+
+    def loss(m: nn.Module, batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+    return model, batches, loss
+
+
+def _mean_loss(model, batches, loss) -> float:
+    with torch.no_grad():
+        return sum(float(loss(model, b)) for b in batches) / len(batches)
+
+
+def test_first_order_statistics_match_finite_differences():
+    model, batches, loss = _mixed_setup()
+    candidates = scan(model).factorizable()
+    stats = gather_statistics(model, candidates, batches, loss)
+    for candidate in candidates:
+        spectrum = candidate.basis()
+        weight = candidate.module.weight
+        for i in range(spectrum.max_rank):
+            component = spectrum.reconstruct([i]).reshape(candidate.info.out_channels, candidate.info.in_per_group,
+                                                          *candidate.info.kernel_size)
+            if candidate.info.kind == "hf_conv1d":
+                component = component.t()
+            original = weight.detach().clone()
+            step = 1e-6
+            with torch.no_grad():
+                weight.copy_(original + step * component)
+                up = _mean_loss(model, batches, loss)
+                weight.copy_(original - step * component)
+                down = _mean_loss(model, batches, loss)
+                weight.copy_(original)
+            derivative = (up - down) / (2 * step)  # d L / d t along +σ_i u_i v_iᵀ
+            assert stats[candidate.name].gradient[i].item() == pytest.approx(derivative, rel=1e-5, abs=1e-9)
+
+
+def test_statistics_leave_parameters_and_grads_untouched():
+    model, batches, loss = _mixed_setup()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gather_statistics(model, scan(model).factorizable(), batches, loss)
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_prediction_matches_measurement_for_small_perturbations():
+    model, batches, loss = _mixed_setup()
+    candidates = scan(model).factorizable()
+    stats = gather_statistics(model, candidates, batches, loss)
+    probe = LossProbe(model, batches, loss)
+    for candidate in candidates:
+        curve = LayerCurve.of(candidate, stats[candidate.name], "spectrum")
+        measured = probe.change({candidate.name: candidate}, {candidate.name: curve.kept(1)})
+        predicted = float(curve.predicted[1])
+        assert abs(measured) > 0
+        assert predicted == pytest.approx(measured, rel=0.2, abs=1e-6), candidate.name
+
+
+def test_taylor_order_stays_in_its_window():
+    model, batches, loss = _mixed_setup()
+    candidate = scan(model).factorizable()[2]
+    stats = gather_statistics(model, [candidate], batches, loss)
+    sigma_squared = (candidate.basis().S ** 2).sum(0)
+    order = removal_order(stats[candidate.name], sigma_squared, "taylor", window=2)
+    assert sorted(order) == list(range(len(order)))
+    for step, index in enumerate(order):  # at each step one of the two smallest components left
+        left = sorted(set(range(len(order))) - set(order[:step]))
+        assert index in left[-2:]
+
+
+def test_compact_finds_the_planted_rank():
+    task = PlantedTask()
+    model = task.build_model()
+    compressed, report = rankcut.compress(model, LossAware("compact", calibration_samples=256, batch_size=64,
+                                                           progress=False), task=task, progress=False)
+    first = report.plan["0"]
+    assert first.rank == PlantedTask.signal_rank
+    assert report.plan["1"].rank is None  # its full spectrum carries signal
+    assert task.evaluate(compressed, "test")["loss"] < task.evaluate(model, "test")["loss"]
+    selection = report.plan.meta["selection"]
+    assert selection["mode"] == "compact" and selection["validation_checks"][0]["plan"] == "original"
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.35])
+def test_lossless_respects_its_budget(fraction):
+    task = ToyTask()
+    model = task.build_model()
+    plan = rankcut.make_plan(model, LossAware("lossless", fraction, calibration_samples=64, batch_size=16,
+                                              progress=False), task=task)
+    layers = [layer for layer in plan.layers if layer.supported]
+    kept = sum(layer.params_after for layer in layers) / sum(layer.params_before for layer in layers)
+    assert kept <= fraction
+    assert kept >= fraction - 0.05
+    checks = [check["plan"] for check in plan.meta["selection"]["validation_checks"]]
+    assert checks == ["original", "loss-aware", "energy budget"]
+
+
+def test_loss_aware_selectors_need_a_task_and_svd():
+    model = ToyCNN()
+    with pytest.raises(ValueError, match="pass task"):
+        rankcut.make_plan(model, "compact")
+    with pytest.raises(ValueError, match="svd decomposition"):
+        rankcut.make_plan(model, "lossless:params=0.5", task=ToyTask(), decomposition="tucker2",
+                          ignore=["head.1", "head.3"])
+    with pytest.raises(ValueError, match="lossless needs a size"):
+        rankcut.make_plan(model, "lossless", task=ToyTask())
+
+
+def test_component_subset_plan_applies_saves_and_loads(tmp_path):
+    task = PlantedTask()
+    model = task.build_model()
+    plan = rankcut.make_plan(model, "rank:4")
+    plan.layers[0].components = [0, 1, 3, 5]
+    compressed = rankcut.apply(model, plan)
+    spectrum = scan(model).candidates[0].basis()
+    expected = spectrum.reconstruct([0, 1, 3, 5])[0].float()
+    factors = compressed[0]
+    assert torch.allclose(factors[1].weight @ factors[0].weight, expected, atol=1e-5)
+    rankcut.save(compressed, tmp_path / "out")
+    restored = rankcut.load(tmp_path / "out", model=task.build_model())
+    x = task.inputs["test"]
+    assert torch.equal(restored(x), compressed(x))
+    assert Plan.from_json(plan.to_json()).layers[0].components == [0, 1, 3, 5]
+
+
+@pytest.mark.parametrize("components", [[0, 1, 2], [0, 0, 1, 2], [0, 1, 2, 99]])
+def test_bad_component_lists_are_refused(components):
+    model = PlantedTask().build_model()
+    plan = rankcut.make_plan(model, "rank:4")
+    plan.layers[0].components = components
+    with pytest.raises(ValueError, match="layer '0': plan components"):
+        rankcut.apply(model, plan)
+
+
+def test_compact_with_the_users_own_batches():
+    task = PlantedTask()
+    model = task.build_model()
+    data = rankcut.LoaderTask(list(task.calibration_batches(256, 64)), [task.inputs["validation"]], task.loss)
+    _, report = rankcut.compress(model, "compact", data=data, progress=False)
+    assert report.plan["0"].rank == PlantedTask.signal_rank
+    assert "validation, original" in report.summary()
+    with pytest.raises(TypeError, match="re-iterable"):
+        rankcut.LoaderTask(iter([]), [], task.loss)
