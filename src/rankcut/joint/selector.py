@@ -26,7 +26,7 @@ from rankcut.joint.probing import LossProbe, substituted
 from rankcut.joint.statistics import gather_statistics
 from rankcut.selectors.allocation import Option, greedy_path, walk_to_budget
 from rankcut.selectors.base import Choice, RankPolicy, Selector
-from rankcut.selectors.budget import METRICS, Budget
+from rankcut.selectors.budget import METRICS, Budget, layer_cost
 
 MODES = ("lossless", "compact")
 
@@ -159,10 +159,7 @@ class LossAware(Selector):
         return options
 
     def _cost(self, candidate: Candidate, rank: int | None) -> int:
-        info, decomposition = candidate.info, candidate.decomposition
-        if self.metric == "params":
-            return info.dense_params if rank is None else decomposition.params(info, rank)
-        return info.dense_macs if rank is None else decomposition.macs(info, rank)
+        return layer_cost(candidate, rank, self.metric)
 
     def _select(self, options: Mapping[str, list[Option]]) -> dict[str, Option]:
         """The plan the estimates favour: within the budget (lossless) or at no predicted loss (compact)."""

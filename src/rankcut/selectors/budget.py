@@ -12,6 +12,14 @@ from rankcut.selectors.base import Choice, RankPolicy, Selector
 METRICS = ("params", "macs")
 
 
+def layer_cost(candidate: Candidate, rank: Rank | None, metric: str) -> int:
+    """A layer's params or MACs at ``rank`` (None: dense): what budgets count."""
+    info, decomposition = candidate.info, candidate.decomposition
+    if metric == "params":
+        return info.dense_params if rank is None else decomposition.params(info, rank)
+    return info.dense_macs if rank is None else decomposition.macs(info, rank)
+
+
 class Budget(Selector):
     """Keep ``fraction`` of the factorizable layers' params (or MACs), allocated across layers.
 
@@ -32,10 +40,7 @@ class Budget(Selector):
         self.spec = f"budget:{metric}={fraction:g}"
 
     def _cost(self, candidate: Candidate, rank: Rank | None) -> int:
-        info, decomposition = candidate.info, candidate.decomposition
-        if self.metric == "params":
-            return info.dense_params if rank is None else decomposition.params(info, rank)
-        return info.dense_macs if rank is None else decomposition.macs(info, rank)
+        return layer_cost(candidate, rank, self.metric)
 
     def _options(self, candidate: Candidate, policy: RankPolicy) -> list[Option]:
         """Dense, plus every (rounded) rank that pays off and respects min_keep/max_keep."""
