@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+from cost import table as cost_table
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -39,6 +40,29 @@ def table(results: dict) -> str:
             times = latency.get(batch)
             cells.append(f"{times['compressed']:.2f} ({times['original']:.2f})" if times else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compressible_table(results: dict) -> str:
+    """Plain vs compressible training (``compressible.py``): each arm × compression → kept share, test accuracy."""
+    finetune = f"{results['finetune_epochs']} epoch"
+    if results.get("finetune_subset"):
+        finetune += f" on {results['finetune_subset']:,} training images"
+    lines = [
+        f"### Compressible training: {results['model']} ({results['date']}, {results['machine']}, torch "
+        f"{results['torch']})",
+        "",
+        f"Every arm: {results['epochs']} epochs, seed {results['seed']}, same data order. Fine-tune: {finetune}, "
+        "SGD with cosine decay from 0.01.",
+        "",
+        "| arm | trained test acc | compression | factorizable params kept | test acc | test acc fine-tuned |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in results["arms"]:
+        trained = arm["trained"]["test"]["accuracy"]
+        for label, row in arm["compressions"].items():
+            lines.append(f"| {arm['arm']} | {trained:.4f} | {label} | {row['factorizable_kept']:.1%} | "
+                         f"{row['test']['accuracy']:.4f} | {row['test_finetuned']['accuracy']:.4f} |")
     return "\n".join(lines)
 
 
@@ -75,6 +99,12 @@ def main() -> None:
     sections = [args.preamble.read_text().rstrip()] if args.preamble.is_file() else []
     for path in args.results:
         results = json.loads(path.read_text())
+        if "arms" in results:
+            sections.append(compressible_table(results))
+            continue
+        if "floor_s" in results.get("rows", [{}])[0]:
+            sections.append(cost_table(results))
+            continue
         image = plot(results, args.out.parent)
         sections.append(table(results) + f"\n\n![{results['model']}]({image.name})")
     args.out.write_text("\n\n".join(sections) + "\n")

@@ -82,14 +82,22 @@ def run(model_name: str, budgets: list[float], methods: list[str], repeats: int,
         "evbmf": lambda f: _selector(original, inventory, lambda k: EVBMF(weakening=1 - k), f, "evbmf"),
         "budget": lambda f: (rankcut.compress(original, f"budget:params={f}", progress=False)[0],
                              f"budget:params={f}"),
+        "budget-r8": lambda f: (rankcut.compress(original, f"budget:params={f}", round_to=8, progress=False)[0],
+                                f"budget:params={f}, ranks rounded to multiples of 8"),
+        "budget-guard": lambda f: (rankcut.compress(original, f"budget:params={f}", example_inputs=inputs,
+                                                    latency_guard=True, progress=False)[0],
+                                   f"budget:params={f}, latency guard at the example input's shape"),
         "asvd": lambda f: (asvd(original, task, f), f"fixed:{f} on W·diag(mean|x|^0.5)"),
         "tltorch-tucker": lambda f: tltorch_tucker(original, f, names),
         "lossless": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
                                                                     progress=False)),
         "compact": lambda f: _loss_aware(original, task, LossAware("compact", probe_samples=probe_samples,
                                                                    progress=False)),
+        "compact-metric": lambda f: _loss_aware(original, task, LossAware("compact", probe_samples=probe_samples,
+                                                                          criterion="metric", progress=False)),
     }
-    runs = [(f, m) for f in budgets for m in methods if m != "compact"] + [(None, "compact")] * ("compact" in methods)
+    sizeless = [m for m in methods if m in SIZELESS]  # they choose their own size: one run each
+    runs = [(f, m) for f in budgets for m in methods if m not in SIZELESS] + [(None, m) for m in sizeless]
     for fraction, method in runs:
         start = time.perf_counter()
         compressed, setting = builders[method](fraction)
@@ -126,7 +134,9 @@ def _selector(model, inventory, make, fraction, label) -> tuple[nn.Module, str]:
     return compressed, f"{label} knob {knob:.4f} (matched to budget)"
 
 
-METHODS = ["uniform-svd", "asvd", "tltorch-tucker", "energy", "evbmf", "budget", "lossless", "compact"]
+METHODS = ["uniform-svd", "asvd", "tltorch-tucker", "energy", "evbmf", "budget", "budget-r8", "budget-guard",
+           "lossless", "compact", "compact-metric"]
+SIZELESS = ("compact", "compact-metric")
 
 
 def main() -> None:

@@ -17,28 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_model
-from torch import nn
 
 from rankcut.models import CNN_MODELS
-from rankcut.tasks.fashion_mnist import MEAN, STD, FashionMNISTTask
-
-PAD = 2
-BACKGROUND = -MEAN / STD  # a black pixel after normalisation, used to fill the crop padding
-
-
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with ``PAD``-pixel padding and a random horizontal flip, per image, on a normalised batch."""
-    count, _, height, width = images.shape
-    padded = F.pad(images, (PAD, PAD, PAD, PAD), value=BACKGROUND)
-    dy = torch.randint(0, 2 * PAD + 1, (count,), generator=generator)
-    dx = torch.randint(0, 2 * PAD + 1, (count,), generator=generator)
-    rows = (dy[:, None] + torch.arange(height))[:, :, None]
-    cols = (dx[:, None] + torch.arange(width))[:, None, :]
-    cropped = padded[torch.arange(count)[:, None, None], 0, rows, cols].unsqueeze(1)
-    flip = torch.rand(count, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+from rankcut.tasks.fashion_mnist import FashionMNISTTask
+from rankcut.training.loop import one_cycle, sgd, train_epoch
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,33 +43,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def train_epoch(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    args: argparse.Namespace,
-    generator: torch.Generator,
-) -> float:
-    """One pass over the training images in a seeded random order; returns the mean training loss."""
-    model.train()
-    order = torch.randperm(len(labels), generator=generator)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    total, seen = 0.0, 0
-    for start in range(0, len(order), args.batch_size):
-        index = order[start : start + args.batch_size]
-        batch = augment(images[index], generator).contiguous(memory_format=memory_format)
-        loss = F.cross_entropy(model(batch), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        total += loss.item() * len(index)
-        seen += len(index)
-    return total / seen
-
-
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -100,19 +56,16 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last)
     params = sum(parameter.numel() for parameter in model.parameters())
     steps_per_epoch = -(-len(labels) // args.batch_size)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay
-    )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch, cycle_momentum=False
-    )
+    optimizer = sgd(model, args.lr, args.weight_decay)
+    schedule = one_cycle(optimizer, args.lr, args.epochs, steps_per_epoch)
     print(f"{args.model}: {params:,} parameters, {len(labels):,} training images, {args.epochs} epochs", flush=True)
 
     started = time.perf_counter()
     history = []
     for epoch in range(1, args.epochs + 1):
         epoch_start = time.perf_counter()
-        train_loss = train_epoch(model, images, labels, optimizer, schedule, args, generator)
+        train_loss = train_epoch(model, images, labels, optimizer, schedule, generator, batch_size=args.batch_size,
+                                 channels_last=args.channels_last)["loss"]
         validation = task.evaluate(model, "validation")
         seconds = time.perf_counter() - epoch_start
         history.append(

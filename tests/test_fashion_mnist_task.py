@@ -12,8 +12,6 @@ import torch
 from rankcut.models import CNN_MODELS
 from rankcut.tasks.base import Task
 from rankcut.tasks.fashion_mnist import (
-    DEFAULT_DATA_DIR,
-    FILES,
     WEIGHTS_DIR,
     FashionMNISTTask,
     load_fashion_mnist,
@@ -21,10 +19,9 @@ from rankcut.tasks.fashion_mnist import (
     read_idx,
 )
 
-needs_data = pytest.mark.skipif(
-    not all((DEFAULT_DATA_DIR / name).is_file() for pair in FILES.values() for name in pair),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
+from toy_models import needs_fashion_mnist
+
+needs_data = needs_fashion_mnist  # shared with the other tests that read the real files
 
 
 @pytest.fixture(scope="module")

@@ -223,3 +223,18 @@ def test_compact_with_the_users_own_batches():
     assert "validation, original" in report.summary()
     with pytest.raises(TypeError, match="re-iterable"):
         rankcut.LoaderTask(iter([]), [], task.loss)
+
+
+def test_compact_criterion_metric_ignores_a_higher_loss():
+    from types import SimpleNamespace
+
+    baseline, worse_loss = {"loss": 1.0, "accuracy": 0.9}, {"loss": 1.2, "accuracy": 0.9}
+    strict, by_metric = rankcut.parse_selector("compact"), rankcut.parse_selector("compact:metric")
+    for selector in (strict, by_metric):
+        selector.task = SimpleNamespace(metric_name="accuracy")
+    assert by_metric.spec == "compact:metric" and by_metric.criterion == "metric"
+    assert not strict._passes(worse_loss, baseline)
+    assert by_metric._passes(worse_loss, baseline)
+    assert not by_metric._passes({"loss": 0.5, "accuracy": 0.89}, baseline)
+    with pytest.raises(ValueError, match="compact:metric"):
+        rankcut.parse_selector("compact:0.5")

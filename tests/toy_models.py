@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
+
+from rankcut.tasks.fashion_mnist import DEFAULT_DATA_DIR, FILES
 
 
 class Conv1D(nn.Module):
@@ -117,3 +120,10 @@ def planted(m: int, n: int, rank: int, noise: float, seed: int = 0, strength: fl
     edge = noise * (math.sqrt(m) + math.sqrt(n))
     values = edge * torch.linspace(strength, 2 * strength, rank, dtype=torch.float64)
     return U @ torch.diag(values) @ V.T + noise * torch.randn(m, n, generator=g, dtype=torch.float64)
+
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not all((DEFAULT_DATA_DIR / name).is_file() for pair in FILES.values() for name in pair),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+

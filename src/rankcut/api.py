@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from rankcut.counting import count_macs, count_params
 from rankcut.inventory import Candidate, DecompositionSpec, IgnoreSpec, Inventory, scan
+from rankcut.latency import LatencyGuard
 from rankcut.layers import Decomposition, Rank, get_decomposition
 from rankcut.plan import LayerPlan, Plan
 from rankcut.report import Report
@@ -48,16 +49,21 @@ def _layer_plan(candidate: Candidate, choice: Choice | None) -> LayerPlan:
 
 def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example_inputs: ModelInputs | None = None,
               decomposition: DecompositionSpec = "svd", ignore: IgnoreSpec = (), round_to: int = 1,
-              inventory: Inventory | None = None, task: Task | None = None) -> Plan:
+              inventory: Inventory | None = None, task: Task | None = None,
+              latency_guard: bool | LatencyGuard = False) -> Plan:
     """Choose a rank for every factorizable layer of ``model``, without changing it.
 
     Loss-aware selectors (``lossless``, ``compact``) measure ``model`` on ``task``'s calibration and
-    validation splits; the others only read the weights.
+    validation splits; the others only read the weights. ``latency_guard`` also keeps dense every layer
+    whose factors measured no faster than it on this machine, on the example inputs' shapes.
     """
     selector = parse_selector(select)
-    policy = RankPolicy(round_to=round_to, break_even=selector.uses_break_even)
     if example_inputs is None and task is not None:
         example_inputs = task.example_inputs()
+    if latency_guard and example_inputs is None and inventory is None:
+        raise ValueError("latency_guard times each layer on its input shape: pass example_inputs (or a task)")
+    guard = (latency_guard if isinstance(latency_guard, LatencyGuard) else LatencyGuard()) if latency_guard else None
+    policy = RankPolicy(round_to=round_to, break_even=selector.uses_break_even, latency=guard)
     inventory = inventory or scan(model, example_inputs, decomposition, ignore)
     if selector.needs_data:
         if task is None:
@@ -66,7 +72,7 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
         selector.bind(model, task)
     choices = selector.choose(inventory.factorizable(), policy)
     layers = [_layer_plan(c, choices.get(c.name)) for c in inventory.candidates]
-    meta: dict = {"round_to": round_to}
+    meta: dict = {"round_to": round_to, "latency_guard": guard is not None}
     if getattr(selector, "summary", None):
         meta["selection"] = selector.summary
     return Plan(layers, selector.spec, meta)
@@ -169,7 +175,7 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
              data: Task | None = None,
              example_inputs: ModelInputs | None = None, decomposition: DecompositionSpec = "svd",
              ignore: IgnoreSpec = (), round_to: int = 1, inplace: bool = False, progress: bool = True,
-             evaluate_split: str | None = None) -> tuple[nn.Module, Report]:
+             evaluate_split: str | None = None, latency_guard: bool | LatencyGuard = False) -> tuple[nn.Module, Report]:
     """Factorize ``model``'s layers with ranks from ``select``; return the compressed model and a report.
 
     ``select`` is a spec (``"fixed:0.5"`` keeps ~50% of each factorizable layer's params, ``"rank:32"``,
@@ -177,6 +183,7 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     with a ``task`` and ``evaluate_split`` the metric is measured before and after. The input model is left
     untouched unless ``inplace``. ``lossless``/``compact`` measure the model on ``data`` (or ``task``): a
     built-in task or ``LoaderTask(calibration, validation, loss)`` built from your own batches.
+    ``latency_guard=True`` keeps dense the layers whose factors would not run faster on this machine.
     """
     if data is not None and task is not None and data is not task:
         raise ValueError("pass the task either as task= or as data=, not both")
@@ -186,7 +193,10 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
         example_inputs = task.example_inputs()
     model.eval()
     inventory = scan(model, example_inputs, decomposition, ignore)
-    plan = make_plan(model, select, decomposition=decomposition, round_to=round_to, inventory=inventory, task=task)
+    if latency_guard and example_inputs is None:
+        raise ValueError("latency_guard times each layer on its input shape: pass example_inputs (or a task)")
+    plan = make_plan(model, select, decomposition=decomposition, round_to=round_to, inventory=inventory, task=task,
+                     latency_guard=latency_guard)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs) if example_inputs is not None else None
     metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}

@@ -35,7 +35,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """Write through a temporary file in the same folder, then rename it into place."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(handle)
@@ -52,7 +52,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers never see a half-written file."""
-    _atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def prepare_output_dir(out_dir: str | os.PathLike, *, force: bool = False,
@@ -81,7 +81,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, report: Report | None 
     plan = plan_of(model)
     out = prepare_output_dir(out_dir, force=force, protected=protected)
     weights = out / WEIGHTS_FILE
-    _atomic_write(weights, lambda temporary: save_model(model, temporary, metadata={"format": "pt"}))
+    atomic_write(weights, lambda temporary: save_model(model, temporary, metadata={"format": "pt"}))
     plan.meta = {**plan.meta, "weights": WEIGHTS_FILE, "weights_sha256": _sha256(weights)}
     if source is not None:
         plan.meta["source"] = source

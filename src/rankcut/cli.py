@@ -1,4 +1,4 @@
-"""The ``rankcut`` command line: inspect, compress, eval and bench."""
+"""The ``rankcut`` command line: inspect, compress, eval, bench and train."""
 
 from __future__ import annotations
 
@@ -123,6 +123,8 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
 @click.option("--ignore", multiple=True, help="Layer name (or prefix module) or type name to keep dense; repeatable.")
 @click.option("--round-to", default=1, show_default=True, type=int, help="Round ranks to a multiple of N.")
+@click.option("--latency-guard", is_flag=True,
+              help="Time every layer on this machine and keep dense those whose factors are not faster.")
 @click.option("--split", default="test", show_default=True, help="Split to report the metric on ('none' to skip).")
 @click.option("--out", type=click.Path(file_okay=False), help="Directory to save the compressed model into.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
@@ -130,8 +132,8 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, select: str,
              target: str | None, calibration_samples: int, batch_size: int, decomposition: str,
-             ignore: tuple[str, ...], round_to: int, split: str, out: str | None, report_path: str | None,
-             force: bool, progress: bool) -> None:
+             ignore: tuple[str, ...], round_to: int, latency_guard: bool, split: str, out: str | None,
+             report_path: str | None, force: bool, progress: bool) -> None:
     source, task_obj = _load(model, weights, task)
     try:
         selector = _selector(select, target, calibration_samples, batch_size, progress)
@@ -146,7 +148,7 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
         inputs = _example_inputs(source, task_obj, input_shape)
         compressed, report = compress_model(
             source.model, selector, task=task_obj, example_inputs=inputs, decomposition=decomposition,
-            ignore=list(ignore), round_to=round_to, progress=progress,
+            ignore=list(ignore), round_to=round_to, progress=progress, latency_guard=latency_guard,
             evaluate_split=None if split == "none" or task_obj is None else split)
     except (ValueError, CheckpointError) as error:
         _fail(str(error))
@@ -182,7 +184,8 @@ def _selector(select: str, target: str | None, calibration_samples: int, batch_s
     selector = parse_selector(select)
     metric = selector.metric
     return LossAware(selector.mode, selector.fraction, metric, calibration_samples=calibration_samples,
-                     batch_size=batch_size, probe_samples=calibration_samples, progress=progress)
+                     batch_size=batch_size, probe_samples=calibration_samples, criterion=selector.criterion,
+                     progress=progress)
 
 
 @main.command(name="eval", help="Evaluate a model on a task split.")
@@ -229,3 +232,38 @@ def bench(model: str, weights: str | None, task: str | None, input_shape: str | 
     click.echo(format_table(rows))
     click.echo(f"median of {repeats} runs, {torch.get_num_threads()} threads; params "
                f"{count_params(original):,} -> {count_params(compressed):,}")
+
+
+@main.command(help="Train a Fashion-MNIST reference CNN (optionally over-parameterized with orthogonal "
+                   "regularization), collapse it, compress it (EVBMF ranks by default) and fine-tune. Re-running "
+                   "the same command resumes an interrupted run.")
+@click.argument("task")
+@click.option("--model", "model_name", required=True, help="Reference CNN: resnet20, resnet56, resnext or vgg.")
+@click.option("--epochs", required=True, type=int, help="Training epochs (one-cycle schedule).")
+@click.option("--overparam", type=float, help="Train each layer as U·diag(s)·Vᵀ with this width factor (≥ 1).")
+@click.option("--orth", default=0.0, show_default=True, type=float, help="Weight λ of the orthogonality penalty.")
+@click.option("--sparsity", default=0.0, show_default=True, type=float, help="Weight μ of the spectrum-spread term.")
+@click.option("--select", default="evbmf", show_default=True, help="Selector that compresses the trained model.")
+@click.option("--decomposition", default="auto", show_default=True, help="svd, tucker2 or auto.")
+@click.option("--round-to", default=1, show_default=True, type=int, help="Round ranks to a multiple of N.")
+@click.option("--finetune-epochs", default=0, show_default=True, type=int, help="Fine-tune epochs after compressing.")
+@click.option("--finetune-lr", default=0.01, show_default=True, type=float)
+@click.option("--lr", default=0.1, show_default=True, type=float, help="Peak learning rate.")
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--weight-decay", default=5e-4, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--train-subset", type=int, help="Train on the first N training images only (smoke runs).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run directory: checkpoints of every step and state.json.")
+def train(task: str, model_name: str, out: str, device: str, **settings) -> None:
+    from rankcut.training.pipeline import TrainConfig, TrainingRun
+
+    if task != "fashion-mnist":
+        _fail(f"rankcut train knows the task 'fashion-mnist' (got {task!r}); for your own model, use "
+              "rankcut.overparameterize, OrthogonalRegularizer and collapse in your training loop")
+    try:
+        run = TrainingRun(TrainConfig(model=model_name, **settings), out, device=device, log=click.echo)
+        run.run()
+    except ValueError as error:
+        _fail(str(error))

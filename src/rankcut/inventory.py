@@ -96,6 +96,16 @@ def _shared_weight_reasons(model: nn.Module) -> dict[str, str]:
     return reasons
 
 
+def _parametrized_reason(module: nn.Module) -> str:
+    """Why a parametrized layer is kept: rankcut's own training factors, or someone else's parametrization."""
+    from rankcut.training.overparam import LowRankProduct  # the training package imports this module
+
+    parametrizations = getattr(module.parametrizations, "weight", [])
+    if any(isinstance(p, LowRankProduct) for p in parametrizations):
+        return "over-parameterized for training; fold it back with rankcut.collapse(model) before compressing"
+    return "weight is parametrized (e.g. weight_norm); remove the parametrization first"
+
+
 def _ignore_matcher(model: nn.Module, ignore: IgnoreSpec) -> tuple[set[str], tuple[type, ...]]:
     """Split ``ignore`` into module names and module types, refusing entries that match nothing."""
     names = dict(model.named_modules())
@@ -121,15 +131,16 @@ def _is_ignored(name: str, module: nn.Module, names: set[str], types: tuple[type
 
 
 def measure_positions(model: nn.Module, modules: Mapping[str, nn.Module],
-                      example_inputs: ModelInputs) -> dict[str, tuple[int, int]]:
-    """Input and output positions (tokens × batch, or pixels × batch) each layer sees in one forward pass."""
-    seen: dict[str, tuple[int, int]] = {}
+                      example_inputs: ModelInputs) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    """Per layer: input and output positions (tokens × batch, or pixels × batch) in one forward pass, and the
+    shape of the layer's first input (what its latency is measured on)."""
+    seen: dict[str, tuple[int, int, tuple[int, ...]]] = {}
 
     def hook(name: str, info_channels: tuple[int, int]):
         def record(_module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             n_in, n_out = info_channels
-            before = seen.get(name, (0, 0))
-            seen[name] = (before[0] + inputs[0].numel() // n_in, before[1] + output.numel() // n_out)
+            before = seen.get(name, (0, 0, tuple(inputs[0].shape)))
+            seen[name] = (before[0] + inputs[0].numel() // n_in, before[1] + output.numel() // n_out, before[2])
         return record
 
     handles = []
@@ -164,13 +175,13 @@ def scan(model: nn.Module, example_inputs: ModelInputs | None = None, decomposit
         if _is_ignored(name, module, ignored_names, ignored_types):
             reason = "ignored by request"
         elif parametrize.is_parametrized(module):
-            reason = "weight is parametrized (e.g. weight_norm); remove the parametrization first"
+            reason = _parametrized_reason(module)
         else:
             reason = owner_reasons.get(name) or shared_reasons.get(name) or decomp.unsupported_reason(info)
         candidates.append(Candidate(info, module, decomp, reason))
     if example_inputs is not None and layer_modules:
         positions = measure_positions(model, layer_modules, example_inputs)
         for candidate in candidates:
-            n_in, n_out = positions.get(candidate.name, (0, 0))
-            candidate.info = candidate.info.with_positions(n_in, n_out)
+            n_in, n_out, shape = positions.get(candidate.name, (0, 0, ()))
+            candidate.info = candidate.info.with_positions(n_in, n_out, shape)
     return Inventory(candidates, others)

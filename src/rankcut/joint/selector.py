@@ -29,6 +29,7 @@ from rankcut.selectors.base import Choice, RankPolicy, Selector
 from rankcut.selectors.budget import METRICS, Budget, layer_cost
 
 MODES = ("lossless", "compact")
+CRITERIA = ("loss", "metric")
 
 
 class LossAware(Selector):
@@ -36,7 +37,8 @@ class LossAware(Selector):
 
     ``mode="lossless"`` needs ``fraction``: the share of the factorizable ``metric`` (params or MACs) kept.
     ``mode="compact"`` finds the smallest model whose validation loss and metric are no worse than the
-    original's (``tolerance`` loosens the loss check, as a fraction of the original loss).
+    original's (``tolerance`` loosens the loss check, as a fraction of the original loss);
+    ``criterion="metric"`` asks only that the validation metric be no worse (e.g. accuracy not below).
     ``order="taylor"`` lets a layer drop any component, not only the smallest ones; ``"spectrum"`` truncates.
     """
 
@@ -45,13 +47,15 @@ class LossAware(Selector):
     def __init__(self, mode: str = "compact", fraction: float | None = None, metric: str = "params", *,
                  calibration_samples: int = 512, batch_size: int = 64, probe_samples: int = 512,
                  order: str = "spectrum", tolerance: float = 0.0, max_rounds: int = 3, max_evaluations: int = 10,
-                 progress: bool = True) -> None:
+                 criterion: str = "loss", progress: bool = True) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "lossless" and (fraction is None or not 0 < fraction <= 1):
             raise ValueError(f"lossless needs the fraction of factorizable {metric} kept, in (0, 1]; got {fraction}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if min(calibration_samples, batch_size, probe_samples) < 1:
@@ -60,8 +64,9 @@ class LossAware(Selector):
         self.calibration_samples, self.batch_size = calibration_samples, batch_size
         self.probe_samples = min(probe_samples, calibration_samples)
         self.tolerance, self.max_rounds, self.max_evaluations = tolerance, max_rounds, max_evaluations
-        self.progress = progress
-        self.spec = f"lossless:{metric}={fraction:g}" if mode == "lossless" else "compact"
+        self.progress, self.criterion = progress, criterion
+        self.spec = (f"lossless:{metric}={fraction:g}" if mode == "lossless"
+                     else "compact" if criterion == "loss" else f"compact:{criterion}")
         self.model: nn.Module | None = None
         self.task: Any = None
         self.summary: dict[str, Any] = {}
@@ -102,7 +107,7 @@ class LossAware(Selector):
                        if option.rank is not None and source == "loss-aware"], probe, "measuring the plan")
         kept = {name: option.components for name, option in chosen.items() if option.rank is not None}
         self.summary = {
-            "mode": self.mode, "order": self.order, "plan_source": source,
+            "mode": self.mode, "criterion": self.criterion, "order": self.order, "plan_source": source,
             "calibration_samples": next(iter(stats.values())).a.shape[0], "probe_samples": self.probe_samples,
             "probe_measurements": probe.measurements, "calibration_loss": probe.baseline,
             "predicted_loss_change": sum(option.error for option in chosen.values()),
@@ -147,12 +152,11 @@ class LossAware(Selector):
 
     def _options(self, curve: LayerCurve, policy: RankPolicy) -> list[Option]:
         """Dense, plus every rank (a multiple of ``round_to``) that pays off, with its estimated loss change."""
-        info, decomposition = curve.candidate.info, curve.candidate.decomposition
         options = [Option(None, self._cost(curve.candidate, None), 0.0)]
         for rank in range(1, curve.max_rank + 1):
             if policy.round_to > 1 and rank % policy.round_to and rank != curve.max_rank:
                 continue
-            if decomposition.pays_off(info, rank):
+            if policy.pays_off(curve.candidate, rank):
                 removed = curve.max_rank - rank
                 options.append(Option(rank, self._cost(curve.candidate, rank), curve.estimate(removed),
                                       curve.kept(removed), removed))
@@ -211,8 +215,8 @@ class LossAware(Selector):
         """Check plans with the task's real evaluation on the validation split; return the kept one and its source.
 
         lossless: the better (metric, then loss) of this plan and the energy-based budget plan of the same size.
-        compact: bisection along the greedy path for the longest prefix whose validation loss and metric are
-        no worse than the original's, starting from the prefix the estimates call lossless.
+        compact: bisection along the greedy path for the longest prefix that passes ``_passes``, starting from
+        the prefix the estimates call lossless.
         """
         baseline = self._validate(candidates, {}, "original", checks)
         if self.mode == "lossless":
@@ -262,8 +266,10 @@ class LossAware(Selector):
         return metrics.get(self.task.metric_name, 0.0), -metrics.get("loss", 0.0)
 
     def _passes(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> bool:
-        """No loss: validation loss not above the original's (plus tolerance) and the metric not below it."""
-        loss_ok = "loss" not in baseline or metrics["loss"] <= baseline["loss"] + self.tolerance * abs(baseline["loss"])
+        """No loss: the validation metric not below the original's and, unless ``criterion="metric"``, the
+        validation loss not above it (plus tolerance)."""
+        loss_ok = ("loss" not in baseline or self.criterion == "metric"
+                   or metrics["loss"] <= baseline["loss"] + self.tolerance * abs(baseline["loss"]))
         name = self.task.metric_name
         return loss_ok and (name == "loss" or metrics[name] >= baseline[name])
 

@@ -143,6 +143,15 @@ def _conv(info: LayerInfo, n_in: int, n_out: int, kernel: tuple[int, ...] | None
     )
 
 
+def dense_module(info: LayerInfo) -> nn.Module:
+    """A dense layer computing what ``info``'s layer computes (fresh random weights), e.g. to time it."""
+    options = {"dtype": info.dtype, "device": info.device}
+    if not info.is_conv:  # Linear and HF Conv1D do the same matrix product
+        return nn.Linear(info.in_channels, info.out_channels, bias=info.has_bias, **options)
+    return _CONV_TYPES[info.spatial_dims](info.in_channels, info.out_channels, info.kernel_size, groups=info.groups,
+                                          bias=info.has_bias, **info.conv_options, **options)
+
+
 def _fill(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
     """Copy float64 factors into a module, cast to its dtype."""
     with torch.no_grad():

@@ -31,6 +31,7 @@ class LayerInfo:
 
     ``input_positions``/``output_positions`` count the spatial positions (or tokens) seen in one forward
     pass on the example inputs; they turn per-position costs into MACs and stay 0 when not measured.
+    ``input_shape`` is the shape of the layer's first input in that pass (empty when not measured).
     """
 
     name: str
@@ -45,6 +46,7 @@ class LayerInfo:
     conv_options: dict[str, Any] = field(default_factory=dict)
     input_positions: int = 0
     output_positions: int = 0
+    input_shape: tuple[int, ...] = ()
 
     @property
     def is_conv(self) -> bool:
@@ -81,9 +83,11 @@ class LayerInfo:
     def dense_macs(self) -> int:
         return self.output_positions * self.out_channels * self.in_per_group * self.kernel_volume
 
-    def with_positions(self, input_positions: int, output_positions: int) -> LayerInfo:
-        """A copy that knows how many positions the layer sees in one forward pass."""
-        return LayerInfo(**{**self.__dict__, "input_positions": input_positions, "output_positions": output_positions})
+    def with_positions(self, input_positions: int, output_positions: int,
+                       input_shape: tuple[int, ...] = ()) -> LayerInfo:
+        """A copy that knows how many positions the layer sees in one forward pass, and its input shape."""
+        return LayerInfo(**{**self.__dict__, "input_positions": input_positions,
+                            "output_positions": output_positions, "input_shape": tuple(input_shape)})
 
 
 def kernel_of(module: nn.Module, info: LayerInfo) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from rankcut.inventory import Candidate
+from rankcut.latency import LatencyGuard
 from rankcut.layers import Rank
 
 
@@ -27,10 +28,15 @@ class Choice:
 
 @dataclass(frozen=True)
 class RankPolicy:
-    """Rules every selector's ranks pass through: hardware rounding and the break-even guard."""
+    """Rules every selector's ranks pass through: hardware rounding and the break-even guard.
+
+    The guard keeps a layer dense at ranks that do not reduce its params and MACs and, with a ``latency``
+    guard, at ranks whose factors measured no faster than the dense layer.
+    """
 
     round_to: int = 1
     break_even: bool = True
+    latency: LatencyGuard | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.round_to, int) or self.round_to < 1:
@@ -50,17 +56,45 @@ class RankPolicy:
             return one(rank, full)
         return tuple(one(value, limit) for value, limit in zip(rank, full, strict=True))
 
-    def finalize(self, candidate: Candidate, rank: Rank, why: str) -> Choice:
-        """Round ``rank``, then keep the layer dense if that rank cannot reduce its params or MACs."""
+    def candidate_ranks(self, candidate: Candidate) -> list[Rank]:
+        """The layer's ranks after rounding, without repeats, smallest first."""
+        decomposition = candidate.decomposition
+        return list(dict.fromkeys(self.rounded(candidate, r) for r in decomposition.ranks_by_size(candidate.info)))
+
+    def pays_off(self, candidate: Candidate, rank: Rank) -> bool:
+        """True when ``rank`` passes the guard (always, when the guard is off)."""
+        return self._refusal(candidate, rank) is None
+
+    def _refusal(self, candidate: Candidate, rank: Rank) -> str | None:
+        """Why the guard keeps the layer dense at ``rank``, or None."""
         decomposition, info = candidate.decomposition, candidate.info
+        if not self.break_even:
+            return None
+        if not decomposition.pays_off(info, rank):
+            params = decomposition.params(info, rank) / info.dense_params
+            macs = f", {decomposition.macs(info, rank) / info.dense_macs:.0%} of MACs" if info.dense_macs else ""
+            return f"rank {rank} would keep {params:.0%} of params{macs}: not worth it, kept dense"
+        if self.latency is None:
+            return None
+        paying = [r for r in self.candidate_ranks(candidate) if decomposition.pays_off(info, r)]
+        dense_seconds, measured, fastest = self.latency.search(info, decomposition, paying)
+        if fastest is not None and decomposition.params(info, rank) <= decomposition.params(info, fastest):
+            return None
+        shape = "x".join(map(str, info.input_shape))
+        if fastest is None:
+            slowest = min(measured.values())
+            return (f"no rank is faster than the dense layer on input {shape} ({dense_seconds * 1e3:.3f} ms; "
+                    f"factors took at least {slowest * 1e3:.3f} ms): kept dense")
+        return (f"rank {rank} is above {fastest}, the largest rank measured faster than the dense layer on input "
+                f"{shape} ({measured[fastest] * 1e3:.3f} vs {dense_seconds * 1e3:.3f} ms): kept dense")
+
+    def finalize(self, candidate: Candidate, rank: Rank, why: str) -> Choice:
+        """Round ``rank``, then keep the layer dense if the guard refuses that rank."""
         rank = self.rounded(candidate, rank)
         if self.round_to > 1:
             why = f"{why}; rounded to a multiple of {self.round_to}"
-        if self.break_even and not decomposition.pays_off(info, rank):
-            params = decomposition.params(info, rank) / info.dense_params
-            macs = f", {decomposition.macs(info, rank) / info.dense_macs:.0%} of MACs" if info.dense_macs else ""
-            return Choice(None, f"{why}; rank {rank} would keep {params:.0%} of params{macs}: not worth it, kept dense")
-        return Choice(rank, why)
+        refusal = self._refusal(candidate, rank)
+        return Choice(rank, why) if refusal is None else Choice(None, f"{why}; {refusal}")
 
 
 class Selector(ABC):

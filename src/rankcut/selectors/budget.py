@@ -44,14 +44,13 @@ class Budget(Selector):
 
     def _options(self, candidate: Candidate, policy: RankPolicy) -> list[Option]:
         """Dense, plus every (rounded) rank that pays off and respects min_keep/max_keep."""
-        decomposition, info = candidate.decomposition, candidate.info
+        decomposition = candidate.decomposition
         dense = self._cost(candidate, None)
         basis = candidate.basis()
-        ranks = dict.fromkeys(policy.rounded(candidate, r) for r in decomposition.ranks_by_size(info))
         options = [Option(None, dense, 0.0)] if self.max_keep >= 1 else []
-        for rank in ranks:
+        for rank in policy.candidate_ranks(candidate):
             cost = self._cost(candidate, rank)
-            if decomposition.pays_off(info, rank) and self.min_keep * dense <= cost <= self.max_keep * dense:
+            if policy.pays_off(candidate, rank) and self.min_keep * dense <= cost <= self.max_keep * dense:
                 options.append(Option(rank, cost, decomposition.squared_error_estimate(basis, rank)))
         if not options:
             raise ValueError(f"budget: layer {candidate.name!r} has no rank within min_keep={self.min_keep}, "

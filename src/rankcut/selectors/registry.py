@@ -42,9 +42,10 @@ def _lossless(arg: str | None) -> Selector:
 def _compact(arg: str | None) -> Selector:
     from rankcut.joint import LossAware
 
-    if arg:
-        raise ValueError(f"compact takes no argument (its size is the smallest with no loss), got {arg!r}")
-    return LossAware("compact")
+    if arg not in (None, "loss", "metric"):
+        raise ValueError(f"compact takes 'loss' (default: validation loss and metric no worse) or 'metric' "
+                         f"(validation metric no worse), e.g. compact:metric; got {arg!r}")
+    return LossAware("compact", criterion=arg or "loss")
 
 
 SELECTORS: dict[str, Callable[[str | None], Selector]] = {
@@ -59,7 +60,7 @@ SELECTORS: dict[str, Callable[[str | None], Selector]] = {
 }
 
 EXAMPLES = ("full, fixed:0.5, rank:32, energy:0.95, evbmf, evbmf:0.8, budget:params=0.4, budget:macs=0.5, "
-            "lossless:params=0.5 (needs a task), compact (needs a task)")
+            "lossless:params=0.5 (needs a task), compact, compact:metric (need a task)")
 
 
 def parse_selector(select: str | Selector) -> Selector:

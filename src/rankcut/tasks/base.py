@@ -28,6 +28,11 @@ def call_model(model: nn.Module, inputs: ModelInputs) -> Any:
     return model(inputs)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 @runtime_checkable
 class Task(Protocol):
     """A model's job: how to build it, feed it, score it and calibrate on it.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankcut.models import CNN_MODELS
-from rankcut.tasks.base import SPLITS
+from rankcut.tasks.base import SPLITS, model_device
 
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -170,10 +170,13 @@ class FashionMNISTTask:
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy of the model's logits on one (images, labels) batch."""
         images, labels = batch
-        return F.cross_entropy(model(images), labels)
+        device = model_device(model)
+        return F.cross_entropy(model(images.to(device)), labels.to(device))
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
         """Top-1 accuracy and mean cross-entropy on ``split``, computed in eval mode without gradients.
+
+        Batches go to the device of the model's parameters, so a model on a GPU is evaluated there.
 
         A model in training mode is switched to eval mode for the evaluation and back afterwards, so that
         batch-norm statistics and dropout do not change the result.
@@ -181,14 +184,15 @@ class FashionMNISTTask:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         images, labels = self.split_tensors(split)
+        device = model_device(model)
         was_training = model.training
         model.eval()
         correct, total_loss = 0, 0.0
         try:
             with torch.no_grad():
                 for start in range(0, len(labels), self.eval_batch_size):
-                    logits = model(images[start : start + self.eval_batch_size])
-                    targets = labels[start : start + self.eval_batch_size]
+                    logits = model(images[start : start + self.eval_batch_size].to(device))
+                    targets = labels[start : start + self.eval_batch_size].to(device)
                     correct += int((logits.argmax(dim=1) == targets).sum())
                     total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
         finally:

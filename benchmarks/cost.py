@@ -1,0 +1,83 @@
+"""What does loss-aware selection cost? ``compact`` wall time against the floor of any data-checked method.
+
+    python benchmarks/cost.py resnet56 minilm --out results/cost.json
+
+The floor is one SVD of every factorizable layer plus one evaluation pass over the validation split: what
+a method that reads the spectra and checks its result once cannot avoid. The table gives compact's time,
+split into statistics + probes and validation checks, and its ratio to the floor. Same process, 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import rankcut
+from rankcut.inventory import scan
+from rankcut.joint import LossAware
+from rankcut.sources import ZOO
+
+
+def measure(model_name: str, probe_samples: int) -> dict:
+    task = ZOO[model_name].task()
+    model = task.build_model()
+    start = time.perf_counter()
+    for candidate in scan(model, decomposition="svd").factorizable():
+        candidate.basis()
+    svd_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    task.evaluate(model, "validation")
+    eval_seconds = time.perf_counter() - start
+    selector = LossAware("compact", probe_samples=probe_samples, progress=False)
+    start = time.perf_counter()
+    plan = rankcut.make_plan(model, selector, task=task)
+    compact_seconds = time.perf_counter() - start
+    summary = plan.meta["selection"]
+    supported = [layer for layer in plan.layers if layer.supported]
+    kept = sum(layer.params_after for layer in supported) / sum(layer.params_before for layer in supported)
+    floor = svd_seconds + eval_seconds
+    row = {"model": model_name, "svd_s": svd_seconds, "eval_s": eval_seconds, "floor_s": floor,
+           "compact_s": compact_seconds, "ratio": compact_seconds / floor, "probe_samples": probe_samples,
+           "statistics_and_probes_s": summary["seconds"]["statistics_and_probes"],
+           "validation_checks": len(summary["validation_checks"]), "probe_measurements": summary["probe_measurements"],
+           "factorizable_kept": kept}
+    print(f"{model_name}: floor {floor:.1f} s (SVDs {svd_seconds:.1f} + eval {eval_seconds:.1f}), compact "
+          f"{compact_seconds:.1f} s = {row['ratio']:.1f}x floor, kept {kept:.1%}", flush=True)
+    return row
+
+
+def table(results: dict) -> str:
+    lines = [f"### Cost of `compact` ({results['date']}, {results['machine']})", "",
+             "| model | SVD of every layer s | one validation eval s | floor s | compact s | × floor "
+             "| of which statistics + probes s | probes | validation checks | factorizable params kept |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        lines.append(f"| {row['model']} | {row['svd_s']:.1f} | {row['eval_s']:.1f} | {row['floor_s']:.1f} | "
+                     f"{row['compact_s']:.1f} | {row['ratio']:.1f} | {row['statistics_and_probes_s']:.1f} | "
+                     f"{row['probe_measurements']} | {row['validation_checks']} | {row['factorizable_kept']:.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", choices=sorted(ZOO))
+    parser.add_argument("--probe-samples", type=int, default=512)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = [measure(name, args.probe_samples) for name in args.models]
+    results = {"date": date.today().isoformat(), "rows": rows,
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
