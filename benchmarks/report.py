@@ -16,12 +16,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def table(results: dict) -> str:
+def table(results: dict, name: str) -> str:
     """One markdown table: method × budget → kept shares, test metric, compression time, latency."""
     metric = results["metric"]
     base = results["original"]
     lines = [
-        f"### {results['model']} on {results['task']} ({results['date']}, {results['machine']})",
+        f"### {results['model']} on {results['task']} ({results['date']}, {results['machine']}; results/{name}.json)",
         "",
         f"Original: {base['params']:,} params ({base['factorizable_params']:,} in factorizable layers), "
         f"{base['macs']:,} MACs per example batch, test {metric} = {base['metrics'][metric]:.4f}.",
@@ -63,10 +63,19 @@ def compressible_table(results: dict) -> str:
         for label, row in arm["compressions"].items():
             lines.append(f"| {arm['arm']} | {trained:.4f} | {label} | {row['factorizable_kept']:.1%} | "
                          f"{row['test']['accuracy']:.4f} | {row['test_finetuned']['accuracy']:.4f} |")
+    lines.append("")
+    for arm in results["arms"]:
+        config, history = arm["config"], arm["history"]
+        if "orthogonality" in history[-1]:
+            path = " → ".join(f"{h['orthogonality']:.2f}" for h in history)
+            spreads = " → ".join(f"{h['spread']:.2f}" for h in history)
+            lines.append(f"- {arm['arm']}: overparam {config['overparam']:g}, λ = {config['orth']:g}, μ = "
+                         f"{config['sparsity']:g}. Orthogonality penalty summed over layers, per epoch: {path}; "
+                         f"spread summed: {spreads}.")
     return "\n".join(lines)
 
 
-def plot(results: dict, out_dir: Path) -> Path:
+def plot(results: dict, out_dir: Path, name: str) -> Path:
     """Metric vs factorizable params kept (left) and batch-32 latency vs MACs kept (right), one line per method."""
     metric = results["metric"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -84,7 +93,7 @@ def plot(results: dict, out_dir: Path) -> Path:
     right.set(xlabel="share of MACs kept", ylabel="latency / original (batch 32)", title="is it faster?")
     left.legend(fontsize=7)
     figure.tight_layout()
-    path = out_dir / f"{results['model']}.png"
+    path = out_dir / f"{name}.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -105,8 +114,8 @@ def main() -> None:
         if "floor_s" in results.get("rows", [{}])[0]:
             sections.append(cost_table(results))
             continue
-        image = plot(results, args.out.parent)
-        sections.append(table(results) + f"\n\n![{results['model']}]({image.name})")
+        image = plot(results, args.out.parent, path.stem)
+        sections.append(table(results, path.stem) + f"\n\n![{path.stem}]({image.name})")
     args.out.write_text("\n\n".join(sections) + "\n")
     print(f"wrote {args.out}")
 

@@ -50,6 +50,8 @@ def test_budget_only_spends_on_ranks_the_guard_allows() -> None:
     plan = rankcut.make_plan(_model(), "budget:params=0.3", example_inputs=torch.randn(4, 64),
                              latency_guard=LatencyGuard(FakeTimer()))
     assert all(layer.rank is None or layer.rank <= FASTEST for layer in plan.layers)
+    dense = [layer for layer in plan.layers if layer.rank is None]
+    assert all("latency guard: ranks up to 9 measured faster" in layer.reason for layer in dense)
     kept = sum(layer.params_after for layer in plan.layers) / sum(layer.params_before for layer in plan.layers)
     assert kept <= 0.3
 

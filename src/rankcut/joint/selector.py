@@ -116,7 +116,7 @@ class LossAware(Selector):
             "seconds": {"statistics_and_probes": round(statistics_seconds, 2),
                         "total": round(time.perf_counter() - start, 2)},
         }
-        choices = {name: self._choice(curves[name], chosen[name], tolerance, source) for name in by_name}
+        choices = {name: self._choice(curves[name], chosen[name], tolerance, source, policy) for name in by_name}
         for name in inert:
             choices[name] = Choice(None, f"{self.spec}: kept dense, the task's loss does not depend on this layer "
                                          "(e.g. a pooler the task does not use)")
@@ -273,9 +273,11 @@ class LossAware(Selector):
         name = self.task.metric_name
         return loss_ok and (name == "loss" or metrics[name] >= baseline[name])
 
-    def _choice(self, curve: LayerCurve, option: Option, tolerance: float, source: str) -> Choice:
+    def _choice(self, curve: LayerCurve, option: Option, tolerance: float, source: str,
+                policy: RankPolicy) -> Choice:
         if option.rank is None:
-            return Choice(None, f"{self.spec}: kept dense (no size of this layer paid for its loss change)")
+            return Choice(None, f"{self.spec}: kept dense (no size of this layer paid for its loss change)"
+                                f"{policy.guard_note(curve.candidate)}")
         if source != "loss-aware":  # the energy budget plan won the validation check
             return Choice(option.rank, f"{self.spec}: energy budget plan, better on validation; {option.note}")
         removed = option.note

@@ -88,6 +88,19 @@ class RankPolicy:
         return (f"rank {rank} is above {fastest}, the largest rank measured faster than the dense layer on input "
                 f"{shape} ({measured[fastest] * 1e3:.3f} vs {dense_seconds * 1e3:.3f} ms): kept dense")
 
+    def guard_note(self, candidate: Candidate) -> str:
+        """What the latency guard allows for this layer (empty without a latency guard): for dense choices."""
+        if self.latency is None or not self.break_even:
+            return ""
+        decomposition, info = candidate.decomposition, candidate.info
+        paying = [r for r in self.candidate_ranks(candidate) if decomposition.pays_off(info, r)]
+        if not paying:
+            return ""
+        dense_seconds, _, fastest = self.latency.search(info, decomposition, paying)
+        if fastest is None:
+            return f"; latency guard: no rank measured faster than the dense layer ({dense_seconds * 1e3:.3f} ms)"
+        return f"; latency guard: ranks up to {fastest} measured faster than the dense layer"
+
     def finalize(self, candidate: Candidate, rank: Rank, why: str) -> Choice:
         """Round ``rank``, then keep the layer dense if the guard refuses that rank."""
         rank = self.rounded(candidate, rank)

@@ -74,5 +74,5 @@ class Budget(Selector):
         why = (f"{self.spec}: global allocation by least energy lost per {self.metric[:-1]} saved; "
                f"this layer keeps {option.cost / self._cost(candidate, None):.1%} of its {self.metric}")
         if option.rank is None:
-            return Choice(None, f"{why} (dense)")
+            return Choice(None, f"{why} (dense){policy.guard_note(candidate)}")
         return policy.finalize(candidate, option.rank, f"{why}, dropping {option.error:.2%} of its energy")
