@@ -60,7 +60,7 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
     selector = parse_selector(select)
     if example_inputs is None and task is not None:
         example_inputs = task.example_inputs()
-    if latency_guard and example_inputs is None and inventory is None:
+    if latency_guard and example_inputs is None:
         raise ValueError("latency_guard times each layer on its input shape: pass example_inputs (or a task)")
     guard = (latency_guard if isinstance(latency_guard, LatencyGuard) else LatencyGuard()) if latency_guard else None
     policy = RankPolicy(round_to=round_to, break_even=selector.uses_break_even, latency=guard)
@@ -193,10 +193,8 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
         example_inputs = task.example_inputs()
     model.eval()
     inventory = scan(model, example_inputs, decomposition, ignore)
-    if latency_guard and example_inputs is None:
-        raise ValueError("latency_guard times each layer on its input shape: pass example_inputs (or a task)")
-    plan = make_plan(model, select, decomposition=decomposition, round_to=round_to, inventory=inventory, task=task,
-                     latency_guard=latency_guard)
+    plan = make_plan(model, select, example_inputs=example_inputs, decomposition=decomposition, round_to=round_to,
+                     inventory=inventory, task=task, latency_guard=latency_guard)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs) if example_inputs is not None else None
     metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}

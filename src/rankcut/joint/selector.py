@@ -151,11 +151,9 @@ class LossAware(Selector):
                 curve.probes[removed] = probe.change({name: curve.candidate}, {name: curve.kept(removed)})
 
     def _options(self, curve: LayerCurve, policy: RankPolicy) -> list[Option]:
-        """Dense, plus every rank (a multiple of ``round_to``) that pays off, with its estimated loss change."""
+        """Dense, plus every (rounded) rank that pays off, with its estimated loss change."""
         options = [Option(None, self._cost(curve.candidate, None), 0.0)]
-        for rank in range(1, curve.max_rank + 1):
-            if policy.round_to > 1 and rank % policy.round_to and rank != curve.max_rank:
-                continue
+        for rank in policy.candidate_ranks(curve.candidate):
             if policy.pays_off(curve.candidate, rank):
                 removed = curve.max_rank - rank
                 options.append(Option(rank, self._cost(curve.candidate, rank), curve.estimate(removed),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -37,6 +37,9 @@ class RankPolicy:
     round_to: int = 1
     break_even: bool = True
     latency: LatencyGuard | None = None
+    # per layer name: the latency guard's search over the paying ranks, done once per plan
+    _searches: dict[str, tuple[float, dict[Rank, float], Rank | None] | None] = field(
+        default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.round_to, int) or self.round_to < 1:
@@ -74,10 +77,10 @@ class RankPolicy:
             params = decomposition.params(info, rank) / info.dense_params
             macs = f", {decomposition.macs(info, rank) / info.dense_macs:.0%} of MACs" if info.dense_macs else ""
             return f"rank {rank} would keep {params:.0%} of params{macs}: not worth it, kept dense"
-        if self.latency is None:
+        search = self._latency_search(candidate)
+        if search is None:
             return None
-        paying = [r for r in self.candidate_ranks(candidate) if decomposition.pays_off(info, r)]
-        dense_seconds, measured, fastest = self.latency.search(info, decomposition, paying)
+        dense_seconds, measured, fastest = search
         if fastest is not None and decomposition.params(info, rank) <= decomposition.params(info, fastest):
             return None
         shape = "x".join(map(str, info.input_shape))
@@ -88,15 +91,22 @@ class RankPolicy:
         return (f"rank {rank} is above {fastest}, the largest rank measured faster than the dense layer on input "
                 f"{shape} ({measured[fastest] * 1e3:.3f} vs {dense_seconds * 1e3:.3f} ms): kept dense")
 
+    def _latency_search(self, candidate: Candidate) -> tuple[float, dict[Rank, float], Rank | None] | None:
+        """The latency guard's timings for a layer (None without a guard or without a paying rank), cached."""
+        if self.latency is None or not self.break_even:
+            return None
+        if candidate.name not in self._searches:
+            decomposition, info = candidate.decomposition, candidate.info
+            paying = [r for r in self.candidate_ranks(candidate) if decomposition.pays_off(info, r)]
+            self._searches[candidate.name] = self.latency.search(info, decomposition, paying) if paying else None
+        return self._searches[candidate.name]
+
     def guard_note(self, candidate: Candidate) -> str:
         """What the latency guard allows for this layer (empty without a latency guard): for dense choices."""
-        if self.latency is None or not self.break_even:
+        search = self._latency_search(candidate)
+        if search is None:
             return ""
-        decomposition, info = candidate.decomposition, candidate.info
-        paying = [r for r in self.candidate_ranks(candidate) if decomposition.pays_off(info, r)]
-        if not paying:
-            return ""
-        dense_seconds, _, fastest = self.latency.search(info, decomposition, paying)
+        dense_seconds, _, fastest = search
         if fastest is None:
             return f"; latency guard: no rank measured faster than the dense layer ({dense_seconds * 1e3:.3f} ms)"
         return f"; latency guard: ranks up to {fastest} measured faster than the dense layer"
