@@ -11,6 +11,7 @@ from pathlib import Path
 
 import matplotlib
 from cost import table as cost_table
+from scale import table as scale_table
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -113,6 +114,9 @@ def main() -> None:
             continue
         if "floor_s" in results.get("rows", [{}])[0]:
             sections.append(cost_table(results))
+            continue
+        if "peak_mib" in results.get("rows", [{}])[0]:
+            sections.append(scale_table(results))
             continue
         image = plot(results, args.out.parent, path.stem)
         sections.append(table(results, path.stem) + f"\n\n![{path.stem}]({image.name})")

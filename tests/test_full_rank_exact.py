@@ -97,3 +97,16 @@ def test_depthwise_conv_is_refused_with_a_reason():
 def test_unsupported_layer_types_are_not_described():
     for module in (nn.ConvTranspose2d(3, 3, 3), nn.Embedding(5, 3), nn.LazyLinear(3), nn.LayerNorm(4)):
         assert describe_layer("x", module) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer=conv_layers(), decomposition=st.sampled_from(["svd", "tucker2"]))
+def test_factorized_weight_is_the_dense_weight_at_full_rank(layer, decomposition):
+    conv, _ = layer
+    factorized = factorize_full("conv", conv, decomposition)
+    torch.testing.assert_close(factorized.weight, conv.weight, rtol=1e-10, atol=1e-10)
+
+
+def test_factorized_linear_weight_is_the_dense_weight():
+    linear = nn.Linear(7, 5, dtype=torch.float64)
+    torch.testing.assert_close(factorize_full("linear", linear, "svd").weight, linear.weight, rtol=1e-10, atol=1e-10)

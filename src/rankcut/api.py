@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -10,7 +11,10 @@ from dataclasses import replace
 from torch import nn
 from tqdm.auto import tqdm
 
+from rankcut import hf
+from rankcut.bases import BasisStore
 from rankcut.counting import count_macs, count_params
+from rankcut.distributed import Group
 from rankcut.inventory import Candidate, DecompositionSpec, IgnoreSpec, Inventory, scan
 from rankcut.latency import LatencyGuard
 from rankcut.layers import Decomposition, Rank, get_decomposition
@@ -50,12 +54,15 @@ def _layer_plan(candidate: Candidate, choice: Choice | None) -> LayerPlan:
 def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example_inputs: ModelInputs | None = None,
               decomposition: DecompositionSpec = "svd", ignore: IgnoreSpec = (), round_to: int = 1,
               inventory: Inventory | None = None, task: Task | None = None,
-              latency_guard: bool | LatencyGuard = False) -> Plan:
+              latency_guard: bool | LatencyGuard = False, store: BasisStore | None = None,
+              progress: bool = False) -> Plan:
     """Choose a rank for every factorizable layer of ``model``, without changing it.
 
     Loss-aware selectors (``lossless``, ``compact``) measure ``model`` on ``task``'s calibration and
     validation splits; the others only read the weights. ``latency_guard`` also keeps dense every layer
-    whose factors measured no faster than it on this machine, on the example inputs' shapes.
+    whose factors measured no faster than it on this machine, on the example inputs' shapes. ``store``
+    says where layer bases come from (see ``BasisStore``: disk cache, low memory, randomized SVD). Under
+    ``torchrun`` the processes share the work and all reach this same plan.
     """
     selector = parse_selector(select)
     if example_inputs is None and task is not None:
@@ -64,7 +71,9 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
         raise ValueError("latency_guard times each layer on its input shape: pass example_inputs (or a task)")
     guard = (latency_guard if isinstance(latency_guard, LatencyGuard) else LatencyGuard()) if latency_guard else None
     policy = RankPolicy(round_to=round_to, break_even=selector.uses_break_even, latency=guard)
-    inventory = inventory or scan(model, example_inputs, decomposition, ignore)
+    inventory = inventory or scan(model, example_inputs, decomposition, ignore, store)
+    group = Group.current()
+    prepare_bases(inventory.factorizable(), group, progress)
     if selector.needs_data:
         if task is None:
             raise ValueError(f"{selector.spec} chooses ranks from the model's loss: pass task=... "
@@ -72,10 +81,25 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
         selector.bind(model, task)
     choices = selector.choose(inventory.factorizable(), policy)
     layers = [_layer_plan(c, choices.get(c.name)) for c in inventory.candidates]
-    meta: dict = {"round_to": round_to, "latency_guard": guard is not None}
+    meta: dict = {"round_to": round_to, "latency_guard": guard is not None, "processes": group.world}
     if getattr(selector, "summary", None):
         meta["selection"] = selector.summary
     return Plan(layers, selector.spec, meta)
+
+
+def prepare_bases(candidates: Sequence[Candidate], group: Group, progress: bool = False) -> None:
+    """Compute every layer's basis up front (with a progress bar); with several processes, each computes
+    every ``world``-th layer's and broadcasts it to the others."""
+    for index, candidate in enumerate(tqdm(candidates, desc="spectra", unit="layer", leave=False,
+                                           disable=not progress or not candidates)):
+        owner = group.owner(index)
+        if group.world == 1:
+            candidate.basis()
+            continue
+        tensors = group.broadcast_tensors(candidate.basis().tensors() if group.rank == owner else None, owner)
+        if group.rank != owner:
+            decomposition = candidate.decomposition
+            candidate.bases[decomposition.name] = decomposition.basis_from_tensors(tensors)
 
 
 def _check_plan_matches(plan: Plan, candidates: Mapping[str, Candidate]) -> None:
@@ -175,15 +199,21 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
              data: Task | None = None,
              example_inputs: ModelInputs | None = None, decomposition: DecompositionSpec = "svd",
              ignore: IgnoreSpec = (), round_to: int = 1, inplace: bool = False, progress: bool = True,
-             evaluate_split: str | None = None, latency_guard: bool | LatencyGuard = False) -> tuple[nn.Module, Report]:
+             evaluate_split: str | None = None, latency_guard: bool | LatencyGuard = False,
+             cache_dir: str | os.PathLike | None = None, low_memory: bool = False,
+             randomized_above: int | None = None) -> tuple[nn.Module, Report]:
     """Factorize ``model``'s layers with ranks from ``select``; return the compressed model and a report.
 
     ``select`` is a spec (``"fixed:0.5"`` keeps ~50% of each factorizable layer's params, ``"rank:32"``,
-    ``"full"``) or a ``Selector``. ``example_inputs`` (or ``task.example_inputs()``) let MACs be counted;
-    with a ``task`` and ``evaluate_split`` the metric is measured before and after. The input model is left
-    untouched unless ``inplace``. ``lossless``/``compact`` measure the model on ``data`` (or ``task``): a
-    built-in task or ``LoaderTask(calibration, validation, loss)`` built from your own batches.
+    ``"full"``) or a ``Selector``. ``example_inputs`` (or ``task.example_inputs()``, or token ids for a
+    transformers model) let MACs be counted; with a ``task`` and ``evaluate_split`` the metric is measured
+    before and after. The input model is left untouched unless ``inplace``. ``lossless``/``compact``
+    measure the model on ``data`` (or ``task``): a built-in task or ``LoaderTask(calibration, validation,
+    loss)`` built from your own batches.
     ``latency_guard=True`` keeps dense the layers whose factors would not run faster on this machine.
+    Large models: ``cache_dir`` keeps spectra and loss statistics on disk for the next run, ``low_memory``
+    keeps singular vectors on disk (pair it with ``inplace=True``), ``randomized_above`` gives layers with
+    at least that many weights a checked randomized SVD of their leading components.
     """
     if data is not None and task is not None and data is not task:
         raise ValueError("pass the task either as task= or as data=, not both")
@@ -191,14 +221,18 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     start = time.perf_counter()
     if example_inputs is None and task is not None:
         example_inputs = task.example_inputs()
+    if example_inputs is None and hf.is_hf_model(model):
+        example_inputs = hf.example_inputs(model)
     model.eval()
-    inventory = scan(model, example_inputs, decomposition, ignore)
+    store = BasisStore(cache_dir, low_memory=low_memory, randomized_above=randomized_above)
+    inventory = scan(model, example_inputs, decomposition, ignore, store)
     plan = make_plan(model, select, example_inputs=example_inputs, decomposition=decomposition, round_to=round_to,
-                     inventory=inventory, task=task, latency_guard=latency_guard)
+                     inventory=inventory, task=task, latency_guard=latency_guard, progress=progress)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs) if example_inputs is not None else None
     metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}
     compressed = apply(model, plan, inplace=inplace, progress=progress, inventory=inventory)
+    plan.meta["bases"] = store.describe()
     report = Report(
         plan=plan, params_before=params_before, params_after=count_params(compressed),
         macs_before=macs_before,

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from rankcut import hf
 from rankcut.api import build_skeleton, plan_of
 from rankcut.plan import Plan
 from rankcut.report import Report
@@ -72,14 +73,21 @@ def prepare_output_dir(out_dir: str | os.PathLike, *, force: bool = False,
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, *, report: Report | None = None, force: bool = False,
-         source: str | None = None, protected: tuple[str | os.PathLike, ...] = ()) -> Path:
+         source: str | None = None, protected: tuple[str | os.PathLike, ...] = (),
+         carry_from: str | os.PathLike | None = None) -> Path:
     """Write ``model.safetensors``, ``plan.json`` (and ``report.json``) for a compressed model into ``out_dir``.
 
     ``source`` records how to rebuild the uncompressed model (a zoo name or ``module:factory``) so that
-    ``load(out_dir)`` can work without one.
+    ``load(out_dir)`` can work without one. A transformers model also gets its ``config.json``, which is
+    what ``load`` rebuilds it from; ``carry_from`` (its input directory) lends the tokenizer and other files.
     """
     plan = plan_of(model)
     out = prepare_output_dir(out_dir, force=force, protected=protected)
+    if carry_from is not None:
+        hf.carry_files(carry_from, out)
+    if hf.is_hf_model(model):
+        hf.write_config(model, out)
+        plan.meta = {**plan.meta, "format": hf.FORMAT, "architecture": type(model).__name__}
     weights = out / WEIGHTS_FILE
     atomic_write(weights, lambda temporary: save_model(model, temporary, metadata={"format": "pt"}))
     plan.meta = {**plan.meta, "weights": WEIGHTS_FILE, "weights_sha256": _sha256(weights)}
@@ -150,11 +158,13 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
 def load(checkpoint_dir: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a compressed model: the plan reshapes ``model`` (uncompressed, same architecture), then weights load.
 
-    Without ``model``, the uncompressed model is rebuilt from the plan's recorded ``source``. Weights are
-    read with safetensors only; nothing is unpickled.
+    Without ``model``, the uncompressed model is rebuilt from the directory's ``config.json`` (transformers
+    models) or from the plan's recorded ``source``. Weights are read with safetensors only; nothing is unpickled.
     """
     directory = Path(checkpoint_dir)
     plan = read_plan(directory)
+    if model is None and plan.meta.get("format") == hf.FORMAT:
+        model = hf.build_from_config(directory, plan.meta.get("architecture"))
     if model is None:
         from rankcut.sources import build_source_model  # a saved source is only needed on this path
 

@@ -9,10 +9,12 @@ from pathlib import Path
 import click
 import torch
 
+from rankcut import hf
 from rankcut.api import compress as compress_model
 from rankcut.api import describe_inputs
 from rankcut.checkpoint import CheckpointError, prepare_output_dir, save, write_text_atomic
 from rankcut.counting import count_macs, count_params
+from rankcut.distributed import Group, init_from_environment
 from rankcut.inventory import scan
 from rankcut.joint import LossAware
 from rankcut.latency import compare_latency
@@ -23,8 +25,9 @@ from rankcut.sources import ZOO, ModelSource, build_source_model, resolve_model,
 from rankcut.spectrum_report import spectrum_report
 from rankcut.tasks.base import ModelInputs, Task
 
-MODEL_HELP = ("MODEL: a zoo name (" + ", ".join(sorted(ZOO)) + "), a saved rankcut directory, or "
-              "'package.module:factory' (with --weights FILE.safetensors)")
+MODEL_HELP = ("MODEL: a zoo name (" + ", ".join(sorted(ZOO)) + "), a saved rankcut directory, a Hugging Face "
+              "model directory (config.json + safetensors), or 'package.module:factory' (with --weights "
+              "FILE.safetensors)")
 
 
 def _fail(message: str) -> None:
@@ -40,7 +43,9 @@ def _example_inputs(source: ModelSource, task: Task | None, input_shape: str | N
             _fail(f"--input-shape must be integers separated by commas, e.g. 1,3,32,32; got {input_shape!r}")
         return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     task = task or source.task
-    return task.example_inputs() if task is not None else None
+    if task is not None:
+        return task.example_inputs()
+    return hf.example_inputs(source.model) if hf.is_hf_model(source.model) else None
 
 
 def _load(model: str, weights: str | None, task: str | None) -> tuple[ModelSource, Task | None]:
@@ -54,6 +59,7 @@ def _load(model: str, weights: str | None, task: str | None) -> tuple[ModelSourc
 @click.group(help="Make trained PyTorch models smaller and faster by low-rank factorization.\n\n" + MODEL_HELP)
 def main() -> None:
     torch.manual_seed(0)
+    init_from_environment()
 
 
 _model_argument = click.argument("model")
@@ -126,32 +132,44 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--latency-guard", is_flag=True,
               help="Time every layer on this machine and keep dense those whose factors are not faster.")
 @click.option("--split", default="test", show_default=True, help="Split to report the metric on ('none' to skip).")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Keep spectra and loss statistics here, keyed by the weights' hash, for the next run.")
+@click.option("--low-memory", is_flag=True,
+              help="Keep singular vectors on disk and factorize in place: peak memory near the model's size.")
+@click.option("--randomized-above", type=int, metavar="N",
+              help="Layers with at least N weights get a checked randomized SVD of their leading components.")
 @click.option("--out", type=click.Path(file_okay=False), help="Directory to save the compressed model into.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--force", is_flag=True, help="Allow a non-empty --out directory.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, select: str,
              target: str | None, calibration_samples: int, batch_size: int, decomposition: str,
-             ignore: tuple[str, ...], round_to: int, latency_guard: bool, split: str, out: str | None,
-             report_path: str | None, force: bool, progress: bool) -> None:
+             ignore: tuple[str, ...], round_to: int, latency_guard: bool, split: str, cache_dir: str | None,
+             low_memory: bool, randomized_above: int | None, out: str | None, report_path: str | None, force: bool,
+             progress: bool) -> None:
+    main_process = Group.current().is_main  # under torchrun, the others only share the work
+    progress = progress and main_process
     source, task_obj = _load(model, weights, task)
     try:
         selector = _selector(select, target, calibration_samples, batch_size, progress)
     except ValueError as error:
         _fail(str(error))
-    protected = tuple(p for p in (source.checkpoint, weights) if p)
+    protected = tuple(p for p in (source.checkpoint, weights, source.files_dir) if p)
     try:
         if report_path and any(Path(report_path).resolve() == Path(p).resolve() for p in protected):
             raise CheckpointError(f"--report {report_path} is an input file; choose another path")
-        if out:
+        if out and main_process:
             prepare_output_dir(out, force=force, protected=protected)
         inputs = _example_inputs(source, task_obj, input_shape)
         compressed, report = compress_model(
             source.model, selector, task=task_obj, example_inputs=inputs, decomposition=decomposition,
             ignore=list(ignore), round_to=round_to, progress=progress, latency_guard=latency_guard,
-            evaluate_split=None if split == "none" or task_obj is None else split)
+            evaluate_split=None if split == "none" or task_obj is None else split, cache_dir=cache_dir,
+            low_memory=low_memory, inplace=low_memory, randomized_above=randomized_above)
     except (ValueError, CheckpointError) as error:
         _fail(str(error))
+    if not main_process:
+        return
     if task:
         report.plan.meta["task"] = task
     elif source.task is not None:
@@ -160,7 +178,8 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
     click.echo("")
     click.echo(report.summary())
     if out:
-        save(compressed, out, report=report, force=True, source=source.spec or None, protected=protected)
+        save(compressed, out, report=report, force=True, source=source.spec or None, protected=protected,
+             carry_from=source.files_dir)
         click.echo(f"saved to {out}")
     if report_path:
         write_text_atomic(Path(report_path), json.dumps(report.to_dict(), indent=2))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from rankcut.bases import BasisStore
 from rankcut.layers import Decomposition, Factorized, LayerInfo, describe_layer, get_decomposition
 from rankcut.layers.info import kernel_of
 from rankcut.tasks.base import ModelInputs, call_model
@@ -27,20 +28,29 @@ class Candidate:
     decomposition: Decomposition
     skip_reason: str | None = None
     bases: dict[str, Any] = field(default_factory=dict, repr=False)
+    store: BasisStore = field(default_factory=BasisStore, repr=False)
 
     @property
     def name(self) -> str:
         return self.info.name
 
     def basis(self, decomposition: Decomposition | None = None) -> Any:
-        """The layer's basis for ``decomposition`` (default: its own), computed once and cached."""
+        """The layer's basis for ``decomposition`` (default: its own), from the store once, then kept."""
         decomposition = decomposition or self.decomposition
         if decomposition.name not in self.bases:
             kernel = kernel_of(self.module, self.info)
             if not torch.isfinite(kernel).all():
                 raise ValueError(f"layer {self.name!r} has NaN or Inf weights; fix the model before compressing")
-            self.bases[decomposition.name] = decomposition.basis(kernel)
+            self.bases[decomposition.name] = self.store.basis(self.info, decomposition, kernel)
         return self.bases[decomposition.name]
+
+    @property
+    def rank_limit(self) -> int | None:
+        """The largest rank the layer's basis holds when it is partial (a randomized SVD), else None."""
+        if self.store.leading(self.info, self.decomposition) is None:
+            return None
+        spectrum = self.basis()
+        return None if spectrum.complete else spectrum.max_rank
 
 
 @dataclass
@@ -157,8 +167,12 @@ def measure_positions(model: nn.Module, modules: Mapping[str, nn.Module],
 
 
 def scan(model: nn.Module, example_inputs: ModelInputs | None = None, decomposition: DecompositionSpec = "svd",
-         ignore: IgnoreSpec = ()) -> Inventory:
-    """Describe every layer of ``model``: candidates for factorization (with reasons for those kept) and others."""
+         ignore: IgnoreSpec = (), store: BasisStore | None = None) -> Inventory:
+    """Describe every layer of ``model``: candidates for factorization (with reasons for those kept) and others.
+
+    ``store`` says where the layers' bases come from (disk cache, low memory, randomized SVD).
+    """
+    store = store or BasisStore()
     ignored_names, ignored_types = _ignore_matcher(model, ignore)
     owner_reasons = _owner_reasons(model)
     shared_reasons = _shared_weight_reasons(model)
@@ -178,7 +192,7 @@ def scan(model: nn.Module, example_inputs: ModelInputs | None = None, decomposit
             reason = _parametrized_reason(module)
         else:
             reason = owner_reasons.get(name) or shared_reasons.get(name) or decomp.unsupported_reason(info)
-        candidates.append(Candidate(info, module, decomp, reason))
+        candidates.append(Candidate(info, module, decomp, reason, store=store))
     if example_inputs is not None and layer_modules:
         positions = measure_positions(model, layer_modules, example_inputs)
         for candidate in candidates:

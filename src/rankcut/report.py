@@ -47,6 +47,8 @@ class Report:
             "seconds": round(self.seconds, 3),
             "selector": self.plan.selector,
             "selection": self.plan.meta.get("selection"),
+            "bases": self.plan.meta.get("bases"),
+            "processes": self.plan.meta.get("processes", 1),
             "layers": [layer.to_dict() for layer in self.plan.layers],
             "unsupported_modules": [{"name": n, "type": t, "params": p} for n, t, p in self.other_modules],
         }

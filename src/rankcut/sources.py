@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
+from rankcut import hf
 from rankcut.tasks import TASKS, Task
 
 
@@ -38,12 +39,16 @@ ZOO: dict[str, ZooEntry] = {
 
 @dataclass
 class ModelSource:
-    """A resolved MODEL argument: the model, the spec that rebuilds its architecture, its default task."""
+    """A resolved MODEL argument: the model, the spec that rebuilds its architecture, its default task.
+
+    ``files_dir`` is a transformers directory whose tokenizer and other files a saved output carries over.
+    """
 
     model: nn.Module
     spec: str
     task: Task | None = None
     checkpoint: Path | None = None
+    files_dir: Path | None = None
 
 
 def import_object(spec: str, what: str) -> object:
@@ -75,7 +80,7 @@ def resolve_task(spec: str) -> Task:
 
 
 def build_source_model(spec: str) -> nn.Module:
-    """The uncompressed model for a zoo name or a ``module:factory`` spec (factory returns an ``nn.Module``)."""
+    """The uncompressed model for a zoo name, a transformers directory or a ``module:factory`` spec."""
     if spec in ZOO:
         return ZOO[spec].task().build_model().eval()
     if ":" in spec:
@@ -84,8 +89,10 @@ def build_source_model(spec: str) -> nn.Module:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model factory {spec!r} must return a torch.nn.Module, got {type(model).__name__}")
         return model.eval()
+    if hf.is_hf_dir(spec):
+        return hf.load_pretrained(spec)
     raise ValueError(f"unknown model {spec!r}: give a zoo name ({', '.join(sorted(ZOO))}), a saved rankcut "
-                     "directory, or 'package.module:factory'")
+                     "directory, a Hugging Face model directory, or 'package.module:factory'")
 
 
 def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
@@ -93,9 +100,14 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
     from rankcut.checkpoint import PLAN_FILE, load, read_plan
 
     path = Path(spec)
+    if path.is_dir() and not (path / PLAN_FILE).is_file() and hf.is_hf_dir(path):
+        if weights is not None:
+            raise ValueError("--weights is for 'module:factory' models; a Hugging Face directory has its own weights")
+        return ModelSource(hf.load_pretrained(path), str(path.resolve()), files_dir=path)
     if path.is_dir():
         if not (path / PLAN_FILE).is_file():
-            raise ValueError(f"{path} is a directory but not a rankcut checkpoint ({PLAN_FILE} missing)")
+            raise ValueError(f"{path} is a directory but neither a rankcut checkpoint ({PLAN_FILE} missing) nor a "
+                             f"Hugging Face model ({hf.CONFIG_FILE} missing)")
         plan = read_plan(path)
         task_name = plan.meta.get("task")
         return ModelSource(load(path), plan.meta.get("source", ""), resolve_task(task_name) if task_name else None,
@@ -111,4 +123,5 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
         except Exception as error:  # safetensors raises several error types for bad files
             raise ValueError(f"cannot load weights {weights!r} into {spec!r}: {error}") from None
     task = ZOO[spec].task() if spec in ZOO else None
-    return ModelSource(model, spec, task)
+    files_dir = task.model_path() if hasattr(task, "model_path") else None
+    return ModelSource(model, spec, task, files_dir=files_dir)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankcut.distributed import Group
 from rankcut.inventory import Candidate
 from rankcut.joint.statistics import LossFn
 
@@ -44,16 +45,18 @@ def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Sequence
 class LossProbe:
     """Mean loss over a fixed list of calibration batches, and its change when layers are truncated."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[Any], loss: LossFn) -> None:
+    def __init__(self, model: nn.Module, batches: Sequence[Any], loss: LossFn, group: Group | None = None) -> None:
         self.model, self.batches, self.loss = model, list(batches), loss
+        self.group = group or Group.current()
         self.measurements = 0
         self.baseline = self.measure()
 
     def measure(self) -> float:
-        """The current model's mean loss on the probe batches (forward passes only)."""
+        """The current model's mean loss on the probe batches (forward passes only; split across processes)."""
         self.model.eval()
         with torch.no_grad():
-            values = [float(self.loss(self.model, batch)) for batch in self.batches]
+            local = [float(self.loss(self.model, batch)) for batch in self.group.share(self.batches)]
+        values = self.group.gather_rows(torch.tensor(local, dtype=torch.float64)).tolist()
         self.measurements += 1
         value = sum(values) / len(values)
         if value != value or value in (float("inf"), float("-inf")):

@@ -17,13 +17,16 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rankcut.distributed import Group
 from rankcut.inventory import Candidate
+from rankcut.joint import memo
 from rankcut.joint.curves import ORDERS, LayerCurve
 from rankcut.joint.probing import LossProbe, substituted
-from rankcut.joint.statistics import gather_statistics
+from rankcut.joint.statistics import ComponentStats, gather_statistics
 from rankcut.selectors.allocation import Option, greedy_path, walk_to_budget
 from rankcut.selectors.base import Choice, RankPolicy, Selector
 from rankcut.selectors.budget import METRICS, Budget, layer_cost
@@ -87,17 +90,28 @@ class LossAware(Selector):
         if self.metric == "macs" and any(c.info.output_positions == 0 for c in candidates):
             raise ValueError(f"{self.spec} needs MACs per layer: pass example_inputs (or a task) to compress")
         start = time.perf_counter()
+        group = Group.current()
         batches = list(self.task.calibration_batches(self.calibration_samples, self.batch_size))
-        stats = gather_statistics(self.model, candidates, batches, self.task.loss,
-                                  lambda items: self._bar(items, "loss statistics", len(batches)))
+        disk = candidates[0].store.disk if candidates else None
+        key = (memo.statistics_key(self.model, [c.name for c in candidates], batches,
+                                   f"{self.probe_samples}/{self.order}") if disk is not None else "")
+        cached = memo.load(disk, key) if disk is not None else None
+        if not group.all_agree(cached is not None):
+            cached = None
+            stats = self._statistics(candidates, batches, group)
+            measured: dict[str, dict[int, float]] = {}
+        else:
+            stats, measured = cached
         inert = [c.name for c in candidates if c.name not in stats]
         self._active_fraction = self._fraction_of_active(candidates, stats)
         candidates = [c for c in candidates if c.name in stats]
         by_name = {c.name: c for c in candidates}
         probe_batches = batches[: max(1, -(-self.probe_samples // self.batch_size))]
-        probe = LossProbe(self.model, probe_batches, self.task.loss)
+        probe = LossProbe(self.model, probe_batches, self.task.loss, group)
         tolerance = 1e-3 * abs(probe.baseline)
         curves = {c.name: LayerCurve.of(c, stats[c.name], self.order) for c in candidates}
+        for name, table in measured.items():
+            curves[name].probes.update(table)
         self._probe_initial(curves, probe)
         statistics_seconds = time.perf_counter() - start
         chosen = self._allocate(curves, policy, probe, tolerance)
@@ -106,10 +120,13 @@ class LossAware(Selector):
         self._measure([(curves[name], option.note) for name, option in chosen.items()
                        if option.rank is not None and source == "loss-aware"], probe, "measuring the plan")
         kept = {name: option.components for name, option in chosen.items() if option.rank is not None}
+        if disk is not None and group.is_main:
+            memo.save(disk, key, stats, {name: curve.probes for name, curve in curves.items()})
         self.summary = {
             "mode": self.mode, "criterion": self.criterion, "order": self.order, "plan_source": source,
             "calibration_samples": next(iter(stats.values())).a.shape[0], "probe_samples": self.probe_samples,
             "probe_measurements": probe.measurements, "calibration_loss": probe.baseline,
+            "statistics_cache": "off" if disk is None else "hit" if cached is not None else "miss",
             "predicted_loss_change": sum(option.error for option in chosen.values()),
             "measured_loss_change": probe.change(by_name, kept),
             "validation_checks": checks,
@@ -121,6 +138,23 @@ class LossAware(Selector):
             choices[name] = Choice(None, f"{self.spec}: kept dense, the task's loss does not depend on this layer "
                                          "(e.g. a pooler the task does not use)")
         return choices
+
+    def _statistics(self, candidates: Sequence[Candidate], batches: Sequence[Any],
+                    group: Group) -> dict[str, ComponentStats]:
+        """Every layer's statistics; with several processes each takes a share of the batches, rows are gathered."""
+        mine = group.share(batches)
+        local = gather_statistics(self.model, candidates, mine, self.task.loss,
+                                  lambda items: self._bar(items, "loss statistics", len(mine)))
+        if group.world == 1:
+            return local
+        stats = {}
+        for candidate in candidates:
+            own = local.get(candidate.name)
+            rows = own.a if own is not None else torch.empty(0, candidate.basis().max_rank, dtype=torch.float64)
+            gathered = group.gather_rows(rows)
+            if gathered.shape[0]:
+                stats[candidate.name] = ComponentStats(candidate.name, gathered)
+        return stats
 
     def _fraction_of_active(self, candidates: Sequence[Candidate], stats: Mapping[str, Any]) -> float | None:
         """The lossless budget as a share of the layers the loss depends on (the others stay dense)."""

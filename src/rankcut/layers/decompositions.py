@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -70,8 +70,16 @@ class Decomposition(ABC):
         """Candidate ranks from smallest to largest, for searches over size."""
 
     @abstractmethod
-    def basis(self, kernel: torch.Tensor) -> Any:
-        """The per-layer decomposition that every rank is sliced from (float64)."""
+    def basis(self, kernel: torch.Tensor, leading: int | None = None) -> Any:
+        """The per-layer decomposition that every rank is sliced from (float64).
+
+        ``leading``: compute only that many leading components, by a checked randomized SVD (svd only).
+        """
+
+    @abstractmethod
+    def basis_from_tensors(self, tensors: dict[str, torch.Tensor],
+                           loader: Callable[[str], torch.Tensor] | None = None) -> Any:
+        """The basis whose ``tensors()`` these are; with ``loader``, large tensors are read on access."""
 
     @abstractmethod
     def relative_error(self, basis: Any, rank: Rank, components: Sequence[int] | None = None) -> float:
@@ -187,8 +195,13 @@ class SVD(Decomposition, name="svd"):
         rank = min((budget - (info.out_channels if info.has_bias else 0)) // per_rank, self.max_rank(info))
         return rank if rank >= 1 else None
 
-    def basis(self, kernel: torch.Tensor) -> Spectrum:
-        return Spectrum.of(kernel.reshape(kernel.shape[0], kernel.shape[1], -1))
+    def basis(self, kernel: torch.Tensor, leading: int | None = None) -> Spectrum:
+        matrices = kernel.reshape(kernel.shape[0], kernel.shape[1], -1)
+        return Spectrum.of(matrices) if leading is None else Spectrum.randomized(matrices, leading)
+
+    def basis_from_tensors(self, tensors: dict[str, torch.Tensor],
+                           loader: Callable[[str], torch.Tensor] | None = None) -> Spectrum:
+        return Spectrum.from_tensors(tensors, loader)
 
     def relative_error(self, basis: Spectrum, rank: Rank, components: Sequence[int] | None = None) -> float:
         return basis.relative_error(rank) if components is None else basis.kept_error(components)
@@ -245,8 +258,14 @@ class Tucker2(Decomposition, name="tucker2"):
         pairs.add((max_out, max_in))
         return sorted(pairs, key=lambda pair: (self.params(info, pair), pair))
 
-    def basis(self, kernel: torch.Tensor) -> TuckerBasis:
+    def basis(self, kernel: torch.Tensor, leading: int | None = None) -> TuckerBasis:
+        if leading is not None:
+            raise ValueError("tucker2 computes its unfoldings' spectra exactly; a partial basis is for svd only")
         return TuckerBasis.of(kernel)
+
+    def basis_from_tensors(self, tensors: dict[str, torch.Tensor],
+                           loader: Callable[[str], torch.Tensor] | None = None) -> TuckerBasis:
+        return TuckerBasis.from_tensors(tensors, loader)
 
     def relative_error(self, basis: TuckerBasis, rank: Rank, components: Sequence[int] | None = None) -> float:
         _no_components(self.name, components)

@@ -3,43 +3,116 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 
+VectorLoader = Callable[[str], torch.Tensor]
 
-@dataclass(frozen=True, eq=False)
+
+class RandomizedSVDError(ValueError):
+    """A randomized SVD whose singular triplets failed the residual check."""
+
+
 class Spectrum:
     """SVD ``M[g] = U[g] diag(S[g]) Vh[g]`` of ``g`` stacked matrices (one per conv group).
 
     Computed once; ``factors(r)`` and ``relative_error(r)`` are slices, so trying many ranks costs nothing.
+    A *partial* spectrum (from ``randomized``) holds only the leading components but knows each matrix's
+    total energy, so energies and errors stay exact. The singular vectors may live on disk (``loader``):
+    they are then read on each access and never kept, so many layers' spectra fit in little memory.
     """
 
-    U: torch.Tensor  # (g, m, k)
-    S: torch.Tensor  # (g, k), descending
-    Vh: torch.Tensor  # (g, k, n)
+    def __init__(self, U: torch.Tensor | None, S: torch.Tensor, Vh: torch.Tensor | None, *,
+                 matrix_shape: tuple[int, int] | None = None, total_squares: torch.Tensor | None = None,
+                 loader: VectorLoader | None = None) -> None:
+        if (U is None or Vh is None) and loader is None:
+            raise ValueError("a spectrum needs its singular vectors or a loader for them")
+        self._U, self._Vh, self._loader = U, Vh, loader
+        self.S = S  # (g, k), descending
+        self._shape = matrix_shape or (U.shape[1], Vh.shape[2])
+        self.total_squares = (S**2).sum(1) if total_squares is None else total_squares  # (g,) Σσ² of all
+        self.residual = 0.0  # worst singular-pair residual / σ₁ of a randomized spectrum (0 for an exact one)
+        # energy of the components a partial spectrum does not hold (exactly 0 for a complete one)
+        self._untracked = (0.0 if total_squares is None
+                           else float((total_squares.sum() - (S**2).sum()).clamp(min=0)))
+
+    @property
+    def U(self) -> torch.Tensor:
+        """Left singular vectors (g, m, k)."""
+        return self._U if self._U is not None else self._loader("U")
+
+    @property
+    def Vh(self) -> torch.Tensor:
+        """Right singular vectors (g, k, n)."""
+        return self._Vh if self._Vh is not None else self._loader("Vh")
 
     @classmethod
     def of(cls, matrices: torch.Tensor) -> Spectrum:
         """SVD of ``matrices`` of shape (g, m, n) or (m, n), in float64 on the tensors' device."""
-        if matrices.dim() == 2:
-            matrices = matrices.unsqueeze(0)
-        if matrices.dim() != 3:
-            raise ValueError(f"expected (m, n) or (g, m, n) matrices, got shape {tuple(matrices.shape)}")
-        if not torch.isfinite(matrices).all():
-            raise ValueError("matrix has NaN or Inf entries; it cannot be factorized")
+        matrices = _checked(matrices)
         U, S, Vh = torch.linalg.svd(matrices.to(torch.float64), full_matrices=False)
         return cls(U, S, Vh)
+
+    @classmethod
+    def randomized(cls, matrices: torch.Tensor, rank: int, *, oversample: int = 10, power_iterations: int = 4,
+                   tolerance: float = 1e-2, seed: int = 0) -> Spectrum:
+        """The leading ``rank`` singular triplets by randomized SVD (Halko et al. 2011), checked.
+
+        Every kept triplet must be a singular pair to within ``tolerance`` of σ₁: ``‖M v − σ u‖`` and
+        ``‖Mᵀu − σ v‖`` at most ``tolerance·σ₁``; otherwise ``RandomizedSVDError`` is raised (callers fall
+        back to the exact SVD). The worst residual is kept in ``residual``.
+        """
+        matrices = _checked(matrices).to(torch.float64)
+        g, m, n = matrices.shape
+        if not 1 <= rank <= min(m, n):
+            raise ValueError(f"rank must be in [1, {min(m, n)}], got {rank}")
+        width = min(rank + oversample, min(m, n))
+        generator = torch.Generator(device=matrices.device).manual_seed(seed)
+        probe = torch.randn(g, n, width, dtype=torch.float64, device=matrices.device, generator=generator)
+        basis = torch.linalg.qr(matrices @ probe).Q
+        for _ in range(power_iterations):
+            basis = torch.linalg.qr(matrices.transpose(1, 2) @ basis).Q
+            basis = torch.linalg.qr(matrices @ basis).Q
+        small_U, S, Vh = torch.linalg.svd(basis.transpose(1, 2) @ matrices, full_matrices=False)
+        U, S, Vh = (basis @ small_U)[:, :, :rank], S[:, :rank], Vh[:, :rank, :]
+        scale = S[:, :1].unsqueeze(2).clamp(min=torch.finfo(torch.float64).tiny)
+        left = (matrices @ Vh.transpose(1, 2) - U * S.unsqueeze(1)).norm(dim=1, keepdim=True) / scale
+        right = (matrices.transpose(1, 2) @ U - Vh.transpose(1, 2) * S.unsqueeze(1)).norm(dim=1, keepdim=True) / scale
+        worst = float(torch.maximum(left, right).max())
+        if worst > tolerance:
+            raise RandomizedSVDError(f"randomized SVD residual {worst:.2e} exceeds {tolerance:.0e} of σ₁")
+        spectrum = cls(U, S, Vh, total_squares=matrices.pow(2).sum((1, 2)))
+        spectrum.residual = worst
+        return spectrum
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything needed to rebuild this spectrum, by name (for a safetensors file or a broadcast)."""
+        return {"U": self.U.contiguous(), "S": self.S.contiguous(), "Vh": self.Vh.contiguous(),
+                "total_squares": self.total_squares.contiguous(), "shape": torch.tensor(self._shape)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], loader: VectorLoader | None = None) -> Spectrum:
+        """The spectrum ``tensors()`` described; with ``loader``, U and Vh are read on access instead."""
+        if loader is None:
+            return cls(tensors["U"], tensors["S"], tensors["Vh"], total_squares=tensors["total_squares"])
+        shape = (int(tensors["shape"][0]), int(tensors["shape"][1]))
+        return cls(None, tensors["S"], None, matrix_shape=shape, total_squares=tensors["total_squares"],
+                   loader=loader)
+
+    @property
+    def complete(self) -> bool:
+        """False for a partial (randomized) spectrum that holds fewer than min(m, n) components."""
+        return self.max_rank == min(self._shape)
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
         """(m, n) of each decomposed matrix."""
-        return self.U.shape[1], self.Vh.shape[2]
+        return self._shape
 
     @property
     def max_rank(self) -> int:
-        """Number of singular values per group: min(m, n)."""
+        """Number of singular values per group held: min(m, n), or fewer for a partial spectrum."""
         return self.S.shape[-1]
 
     def energy(self) -> torch.Tensor:
@@ -49,7 +122,7 @@ class Spectrum:
     @functools.cached_property
     def _energy(self) -> torch.Tensor:
         squares = (self.S**2).sum(0)
-        total = squares.sum()
+        total = squares.sum() + self._untracked
         if total == 0:
             return torch.ones_like(squares)
         return squares.cumsum(0) / total
@@ -57,10 +130,10 @@ class Spectrum:
     def relative_error(self, rank: int) -> float:
         """‖M − M_r‖_F / ‖M‖_F of the rank-``rank`` truncation (all groups together)."""
         squares = self.S**2
-        total = squares.sum()
+        total = squares.sum() + self._untracked
         if total == 0:
             return 0.0
-        return float((squares[:, rank:].sum() / total).sqrt())
+        return float(((squares[:, rank:].sum() + self._untracked) / total).sqrt())
 
     def factors(self, rank: int, components: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Balanced factors ``A (g, m, r)`` and ``B (g, r, n)`` with ``A @ B`` the rank-``rank`` truncation.
@@ -76,7 +149,8 @@ class Spectrum:
     def component_index(self, rank: int, components: Sequence[int] | None = None) -> torch.Tensor:
         """Indices of the kept triplets: the leading ``rank``, or ``components`` after checking them."""
         if not 1 <= rank <= self.max_rank:
-            raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
+            partial = "" if self.complete else " (a partial, randomized SVD holds only the leading components)"
+            raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}{partial}")
         if components is None:
             return torch.arange(rank)
         kept = sorted(set(components))
@@ -92,8 +166,19 @@ class Spectrum:
     def kept_error(self, components: Sequence[int]) -> float:
         """‖M − M_K‖_F / ‖M‖_F when only ``components`` are kept."""
         squares = self.S**2
-        total = squares.sum()
+        total = squares.sum() + self._untracked
         if total == 0:
             return 0.0
         kept = squares[:, torch.tensor(sorted(components), dtype=torch.long)].sum()
         return float(((total - kept).clamp(min=0) / total).sqrt())
+
+
+def _checked(matrices: torch.Tensor) -> torch.Tensor:
+    """``matrices`` as (g, m, n), refusing other shapes and non-finite entries."""
+    if matrices.dim() == 2:
+        matrices = matrices.unsqueeze(0)
+    if matrices.dim() != 3:
+        raise ValueError(f"expected (m, n) or (g, m, n) matrices, got shape {tuple(matrices.shape)}")
+    if not torch.isfinite(matrices).all():
+        raise ValueError("matrix has NaN or Inf entries; it cannot be factorized")
+    return matrices

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,23 @@ class TuckerBasis:
         """Spectra of the mode-0 and mode-1 unfoldings of a (g, T, S, *k) kernel, in float64."""
         kernel = kernel.to(torch.float64)
         return cls(kernel, Spectrum.of(unfold_out(kernel)), Spectrum.of(unfold_in(kernel)))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything needed to rebuild this basis, by name (for a safetensors file or a broadcast)."""
+        parts = {"kernel": self.kernel.contiguous()}
+        for prefix, spectrum in (("out.", self.out_spectrum), ("in.", self.in_spectrum)):
+            parts.update({prefix + name: tensor for name, tensor in spectrum.tensors().items()})
+        return parts
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor],
+                     loader: Callable[[str], torch.Tensor] | None = None) -> TuckerBasis:
+        """The basis ``tensors()`` described; with ``loader``, the unfoldings' vectors are read on access."""
+        def spectrum(prefix: str) -> Spectrum:
+            own = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+            return Spectrum.from_tensors(own, None if loader is None else lambda name: loader(prefix + name))
+
+        return cls(tensors["kernel"], spectrum("out."), spectrum("in."))
 
     @property
     def max_ranks(self) -> tuple[int, int]:

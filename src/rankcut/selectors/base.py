@@ -61,8 +61,9 @@ class RankPolicy:
 
     def candidate_ranks(self, candidate: Candidate) -> list[Rank]:
         """The layer's ranks after rounding, without repeats, smallest first."""
-        decomposition = candidate.decomposition
-        return list(dict.fromkeys(self.rounded(candidate, r) for r in decomposition.ranks_by_size(candidate.info)))
+        decomposition, limit = candidate.decomposition, candidate.rank_limit
+        ranks = dict.fromkeys(self.rounded(candidate, r) for r in decomposition.ranks_by_size(candidate.info))
+        return [r for r in ranks if limit is None or r <= limit]
 
     def pays_off(self, candidate: Candidate, rank: Rank) -> bool:
         """True when ``rank`` passes the guard (always, when the guard is off)."""
@@ -71,6 +72,10 @@ class RankPolicy:
     def _refusal(self, candidate: Candidate, rank: Rank) -> str | None:
         """Why the guard keeps the layer dense at ``rank``, or None."""
         decomposition, info = candidate.decomposition, candidate.info
+        limit = candidate.rank_limit
+        if limit is not None and rank > limit:
+            return (f"rank {rank} is above the {limit} leading components its randomized SVD computed (ranks keeping "
+                    f"more than {candidate.store.randomized_share:.0%} of its params are not offered): kept dense")
         if not self.break_even:
             return None
         if not decomposition.pays_off(info, rank):

@@ -12,10 +12,13 @@ from rankcut.selectors.base import Choice, PerLayerSelector, RankPolicy
 
 
 def energy_rank(spectrum: Spectrum, fraction: float) -> int:
-    """The smallest rank whose singular values hold ``fraction`` of Σσ² (all groups together)."""
+    """The smallest rank whose singular values hold ``fraction`` of Σσ² (all groups together).
+
+    A partial spectrum that never reaches ``fraction`` answers one more than the components it holds.
+    """
     energy = spectrum.energy()
-    return min(int(torch.searchsorted(energy, torch.tensor(fraction - 1e-12, dtype=energy.dtype))) + 1,
-               spectrum.max_rank)
+    found = int(torch.searchsorted(energy, torch.tensor(fraction - 1e-12, dtype=energy.dtype))) + 1
+    return min(found, spectrum.max_rank + (0 if spectrum.complete else 1))
 
 
 class Energy(PerLayerSelector):
@@ -32,7 +35,8 @@ class Energy(PerLayerSelector):
         spectra = decomposition.spectra(candidate.basis())
         parts = [energy_rank(spectrum, self.fraction) for spectrum in spectra]
         rank = decomposition.rank_from_parts(parts)
-        held = ", ".join(f"{float(s.energy()[r - 1]):.4f}" for s, r in zip(spectra, parts, strict=True))
+        held = ", ".join(f"{float(spectrum.energy()[min(r, spectrum.max_rank) - 1]):.4f}"
+                         for spectrum, r in zip(spectra, parts, strict=True))
         return policy.finalize(candidate, rank, f"{self.spec}: smallest rank holding {self.fraction:g} of Σσ² "
                                                 f"(holds {held})")
 
@@ -71,7 +75,11 @@ class EVBMF(PerLayerSelector):
 
     def choose_layer(self, candidate: Candidate, policy: RankPolicy) -> Choice:
         decomposition = candidate.decomposition
-        parts, texts = zip(*(self._part(s) for s in decomposition.spectra(candidate.basis())), strict=True)
+        spectra = decomposition.spectra(candidate.basis())
+        if not all(spectrum.complete for spectrum in spectra):
+            raise ValueError(f"{self.spec} needs every singular value, but layer {candidate.name!r} has a partial "
+                             "randomized SVD: raise randomized_above (--randomized-above) or use budget/energy")
+        parts, texts = zip(*(self._part(s) for s in spectra), strict=True)
         labels = ("out", "in") if len(texts) == 2 else ("",)
         reason = "; ".join(f"{label + ': ' if label else ''}{text}" for label, text in zip(labels, texts, strict=True))
         return policy.finalize(candidate, decomposition.rank_from_parts(list(parts)), f"{self.spec}: {reason}")

@@ -158,9 +158,10 @@ class WordNetGlossTask:
         """The encoder's own tokenizer, loaded from the local model folder."""
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self._model_path(), local_files_only=True)
+        return AutoTokenizer.from_pretrained(self.model_path(), local_files_only=True)
 
-    def _model_path(self) -> Path:
+    def model_path(self) -> Path:
+        """The folder holding the encoder's config, weights and tokenizer."""
         if self.model_dir is not None:
             path = self.model_dir
         else:
@@ -202,7 +203,7 @@ class WordNetGlossTask:
         """The pretrained all-MiniLM-L6-v2 ``BertModel`` in float32 and eval mode."""
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(self._model_path(), local_files_only=True).float().eval()
+        return AutoModel.from_pretrained(self.model_path(), local_files_only=True).float().eval()
 
     def example_inputs(self) -> Encoded:
         """Eight real calibration glosses, tokenized and padded to a common length."""

@@ -1,0 +1,98 @@
+"""Where each layer's basis (its SVD or Tucker spectra) comes from: computed, cached on disk, or kept on disk.
+
+* ``cache_dir``: bases are stored by a hash of the weights, so a second run (another budget, another selector)
+  reads them back instead of decomposing again.
+* ``low_memory``: only singular values stay in memory; singular vectors are read from disk when a layer is
+  factorized or probed, so peak memory stays near the model's own size plus one layer's working set.
+* ``randomized_above``: layers with at least that many weights get a randomized SVD of only the leading
+  components that keep at most ``randomized_share`` of the layer's params (ranks above stay dense); each
+  triplet's residual is checked, and a failed check falls back to the exact SVD.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from rankcut.cache import DiskCache, digest
+from rankcut.layers import Decomposition, LayerInfo
+from rankcut.linalg import RandomizedSVDError
+
+_SMALL_TENSORS = ("S", "total_squares", "shape")
+
+
+class BasisStore:
+    """Computes, caches and serves layer bases; one store is shared by all candidates of a model."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None, *, low_memory: bool = False,
+                 randomized_above: int | None = None, randomized_share: float = 0.5) -> None:
+        if randomized_above is not None and randomized_above < 1:
+            raise ValueError(f"randomized_above must be a positive number of weights, got {randomized_above}")
+        if not 0 < randomized_share < 1:
+            raise ValueError(f"randomized_share must be in (0, 1), got {randomized_share}")
+        self._temporary = None
+        if cache_dir is None and low_memory:  # singular vectors need somewhere to live
+            self._temporary = tempfile.TemporaryDirectory(prefix="rankcut-bases-")
+            cache_dir = self._temporary.name
+        self.disk = DiskCache(cache_dir) if cache_dir is not None else None
+        self.low_memory, self.randomized_above, self.randomized_share = low_memory, randomized_above, randomized_share
+        self.computed = self.cache_hits = self.randomized = self.fallbacks = 0
+        self.worst_residual = 0.0
+
+    def leading(self, info: LayerInfo, decomposition: Decomposition) -> int | None:
+        """How many leading components a randomized SVD computes for this layer (None: the exact full SVD)."""
+        if self.randomized_above is None or decomposition.name != "svd":
+            return None
+        weights = info.out_channels * info.in_per_group * info.kernel_volume
+        if weights < self.randomized_above:
+            return None
+        rank = decomposition.rank_for_params(info, int(self.randomized_share * info.dense_params))
+        return rank if rank is not None and rank < decomposition.max_rank(info) else None
+
+    def basis(self, info: LayerInfo, decomposition: Decomposition, kernel: torch.Tensor) -> Any:
+        """The layer's basis: from the disk cache when there, else computed (and stored when caching)."""
+        leading = self.leading(info, decomposition)
+        method = "exact" if leading is None else f"randomized:{leading}"
+        key = digest([kernel], decomposition.name, method) if self.disk is not None else ""
+        if self.disk is not None:
+            found = self._read(decomposition, key)
+            if found is not None:
+                self.cache_hits += 1
+                return found
+        basis = self._compute(info, decomposition, kernel, leading)
+        if self.disk is None:
+            return basis
+        self.disk.save("bases", key, basis.tensors())
+        return self._read(decomposition, key) if self.low_memory else basis
+
+    def _read(self, decomposition: Decomposition, key: str) -> Any:
+        if not self.low_memory:
+            tensors = self.disk.load("bases", key)
+            return None if tensors is None else decomposition.basis_from_tensors(tensors)
+        names = self.disk.names("bases", key)
+        small = None if names is None else [n for n in names if n.rsplit(".", 1)[-1] in _SMALL_TENSORS or n == "kernel"]
+        tensors = None if small is None else self.disk.load("bases", key, small)
+        return None if tensors is None else decomposition.basis_from_tensors(tensors, self.disk.reader("bases", key))
+
+    def _compute(self, info: LayerInfo, decomposition: Decomposition, kernel: torch.Tensor,
+                 leading: int | None) -> Any:
+        self.computed += 1
+        if leading is None:
+            return decomposition.basis(kernel)
+        try:
+            basis = decomposition.basis(kernel, leading)
+        except RandomizedSVDError:
+            self.fallbacks += 1
+            return decomposition.basis(kernel)
+        self.randomized += 1
+        self.worst_residual = max(self.worst_residual, basis.residual)
+        return basis
+
+    def describe(self) -> dict[str, Any]:
+        """For the report: bases computed, read from the cache, randomized (worst residual / σ₁) and fallen back."""
+        return {"computed": self.computed, "cache_hits": self.cache_hits, "randomized": self.randomized,
+                "randomized_fallbacks": self.fallbacks, "randomized_worst_residual": self.worst_residual,
+                "low_memory": self.low_memory}
