@@ -10,13 +10,11 @@ split into statistics + probes and validation checks, and its ratio to the floor
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
+from common import write_rows
 
 import rankcut
 from rankcut.inventory import scan
@@ -72,10 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = [measure(name, args.probe_samples) for name in args.models]
-    results = {"date": date.today().isoformat(), "rows": rows,
-               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    results = write_rows(args.out, rows)
     print(table(results))
 
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
+from common import write_rows
 
 # Runs a command, then prints the largest resident set (KiB) of any process it started: a fresh
 # measurement per row, since ru_maxrss of children only grows within one process.
@@ -136,10 +135,7 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown model {name!r}")
             rows += model_rows(name, model, selects, scratch / f"cache-{name}", randomized_above)
-    results = {"date": date.today().isoformat(), "rows": rows,
-               "machine": f"{platform.machine()}, {torch.get_num_threads()} cores, torch {torch.__version__}"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    results = write_rows(args.out, rows)
     print(table(results))
 
 

@@ -89,6 +89,12 @@ def test_cli_compresses_a_model_directory_and_carries_its_files(tmp_path):
     (source / "vocab.txt").write_text("\n".join(f"t{i}" for i in range(99)))
     (source / "1_Pooling").mkdir()
     (source / "1_Pooling" / "config.json").write_text("{}")
+    (source / "tf_model.h5").write_bytes(b"stale uncompressed weights")
+    (source / "onnx").mkdir()
+    (source / "onnx" / "model.onnx").write_bytes(b"stale graph")
+    (source / "original").mkdir()
+    (source / "original" / "consolidated.00.pth").write_bytes(b"stale")
+    (source / "original" / "params.json").write_text("{}")
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["compress", str(source), "--select", "fixed:0.5", "--out", str(out),
                                        "--no-progress"])
@@ -96,6 +102,8 @@ def test_cli_compresses_a_model_directory_and_carries_its_files(tmp_path):
     assert "MACs (input_ids 2x16)" in result.output
     for name in ("tokenizer_config.json", "vocab.txt", "1_Pooling", hf.CONFIG_FILE, PLAN_FILE):
         assert (out / name).exists(), name
+    assert not (out / "tf_model.h5").exists() and not (out / "onnx").exists(), "stale weights were carried over"
+    assert (out / "original" / "params.json").exists() and not (out / "original" / "consolidated.00.pth").exists()
     loaded = rankcut.load(out)
     inputs = hf.example_inputs(model)
     assert torch.equal(output_of(loaded, inputs), output_of(rankcut.load(out), inputs))

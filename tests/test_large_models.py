@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import rankcut
+from rankcut import LoaderTask
 from rankcut.bases import BasisStore
 from rankcut.cache import DiskCache, digest
 from rankcut.joint import LossAware
@@ -134,3 +135,25 @@ def test_loss_statistics_are_reused_by_a_second_budget(tmp_path):
     assert second.plan.meta["selection"]["statistics_cache"] == "hit"
     assert [(x.rank, x.reason) for x in second.plan.layers] == [(x.rank, x.reason) for x in first.plan.layers]
     assert second.plan.meta["selection"]["probe_measurements"] < first.plan.meta["selection"]["probe_measurements"]
+
+
+def regression_task(loss) -> LoaderTask:
+    generator = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(16, 64, generator=generator), torch.randn(16, 10, generator=generator)) for _ in range(4)]
+    return LoaderTask(batches[:3], batches[3:], lambda model, batch: loss(model(batch[0]), batch[1]))
+
+
+def test_statistics_of_another_loss_function_are_not_reused(tmp_path):
+    selector = {"calibration_samples": 48, "batch_size": 16, "progress": False}
+    for loss, expected in ((nn.functional.mse_loss, "miss"), (nn.functional.mse_loss, "hit"),
+                           (nn.functional.l1_loss, "miss")):
+        _, report = rankcut.compress(mlp(), LossAware("lossless", 0.6, **selector), task=regression_task(loss),
+                                     cache_dir=tmp_path, progress=False)
+        assert report.plan.meta["selection"]["statistics_cache"] == expected
+
+
+def test_loss_aware_selection_refuses_partial_spectra():
+    task = regression_task(nn.functional.mse_loss)
+    with pytest.raises(ValueError, match="partial randomized SVD"):
+        rankcut.compress(decaying_mlp(), LossAware("compact", calibration_samples=48, batch_size=16, progress=False),
+                         task=task, randomized_above=4000, progress=False)

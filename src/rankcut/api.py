@@ -73,6 +73,9 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
     policy = RankPolicy(round_to=round_to, break_even=selector.uses_break_even, latency=guard)
     inventory = inventory or scan(model, example_inputs, decomposition, ignore, store)
     group = Group.current()
+    if guard is not None and group.world > 1:
+        raise ValueError("latency_guard times layers in each process, and timings differ between processes: "
+                         "run it in a single process, not under torchrun")
     prepare_bases(inventory.factorizable(), group, progress)
     if selector.needs_data:
         if task is None:
@@ -98,8 +101,7 @@ def prepare_bases(candidates: Sequence[Candidate], group: Group, progress: bool 
             continue
         tensors = group.broadcast_tensors(candidate.basis().tensors() if group.rank == owner else None, owner)
         if group.rank != owner:
-            decomposition = candidate.decomposition
-            candidate.bases[decomposition.name] = decomposition.basis_from_tensors(tensors)
+            candidate.adopt_basis(tensors)
 
 
 def _check_plan_matches(plan: Plan, candidates: Mapping[str, Candidate]) -> None:

@@ -3,7 +3,8 @@
 * ``cache_dir``: bases are stored by a hash of the weights, so a second run (another budget, another selector)
   reads them back instead of decomposing again.
 * ``low_memory``: only singular values stay in memory; singular vectors are read from disk when a layer is
-  factorized or probed, so peak memory stays near the model's own size plus one layer's working set.
+  factorized or probed, so the spectral selectors' peak memory stays near the model's own size plus one
+  layer's working set (loss-aware statistics still hold every layer's vectors during their pass).
 * ``randomized_above``: layers with at least that many weights get a randomized SVD of only the leading
   components that keep at most ``randomized_share`` of the layer's params (ranks above stay dense); each
   triplet's residual is checked, and a failed check falls back to the exact SVD.
@@ -21,7 +22,7 @@ from rankcut.cache import DiskCache, digest
 from rankcut.layers import Decomposition, LayerInfo
 from rankcut.linalg import RandomizedSVDError
 
-_SMALL_TENSORS = ("S", "total_squares", "shape")
+_SMALL_TENSORS = ("S", "total_squares", "shape", "residual")
 
 
 class BasisStore:
@@ -52,30 +53,56 @@ class BasisStore:
         rank = decomposition.rank_for_params(info, int(self.randomized_share * info.dense_params))
         return rank if rank is not None and rank < decomposition.max_rank(info) else None
 
+    def _key(self, info: LayerInfo, decomposition: Decomposition, kernel: torch.Tensor) -> str:
+        leading = self.leading(info, decomposition)
+        return digest([kernel], decomposition.name, "exact" if leading is None else f"randomized:{leading}")
+
     def basis(self, info: LayerInfo, decomposition: Decomposition, kernel: torch.Tensor) -> Any:
         """The layer's basis: from the disk cache when there, else computed (and stored when caching)."""
-        leading = self.leading(info, decomposition)
-        method = "exact" if leading is None else f"randomized:{leading}"
-        key = digest([kernel], decomposition.name, method) if self.disk is not None else ""
+        key = self._key(info, decomposition, kernel) if self.disk is not None else ""
         if self.disk is not None:
-            found = self._read(decomposition, key)
+            found = self._read(decomposition, key, kernel.device)
             if found is not None:
                 self.cache_hits += 1
+                self._count_randomized(found)
                 return found
-        basis = self._compute(info, decomposition, kernel, leading)
+        basis = self._compute(info, decomposition, kernel, self.leading(info, decomposition))
         if self.disk is None:
             return basis
         self.disk.save("bases", key, basis.tensors())
-        return self._read(decomposition, key) if self.low_memory else basis
+        return self._read(decomposition, key, kernel.device) if self.low_memory else basis
 
-    def _read(self, decomposition: Decomposition, key: str) -> Any:
+    def adopt(self, info: LayerInfo, decomposition: Decomposition, kernel: torch.Tensor,
+              tensors: dict[str, torch.Tensor]) -> Any:
+        """A basis computed elsewhere (another process): stored like one computed here, and served the same way."""
+        tensors = {name: tensor.to(kernel.device) for name, tensor in tensors.items()}
+        if self.disk is None:
+            return decomposition.basis_from_tensors(tensors)
+        key = self._key(info, decomposition, kernel)
+        self.disk.save("bases", key, tensors)
+        return self._read(decomposition, key, kernel.device)
+
+    def _read(self, decomposition: Decomposition, key: str, device: torch.device) -> Any:
+        """A stored basis on ``device``; in low-memory mode its vectors stay on disk and are read on access."""
         if not self.low_memory:
             tensors = self.disk.load("bases", key)
-            return None if tensors is None else decomposition.basis_from_tensors(tensors)
+            return None if tensors is None else decomposition.basis_from_tensors(
+                {name: tensor.to(device) for name, tensor in tensors.items()})
         names = self.disk.names("bases", key)
         small = None if names is None else [n for n in names if n.rsplit(".", 1)[-1] in _SMALL_TENSORS or n == "kernel"]
         tensors = None if small is None else self.disk.load("bases", key, small)
-        return None if tensors is None else decomposition.basis_from_tensors(tensors, self.disk.reader("bases", key))
+        if tensors is None:
+            return None
+        read = self.disk.reader("bases", key)
+        return decomposition.basis_from_tensors({name: tensor.to(device) for name, tensor in tensors.items()},
+                                                lambda name: read(name).to(device))
+
+    def _count_randomized(self, basis: Any) -> None:
+        """Count a partial spectrum read from the cache as randomized, with its recorded residual."""
+        if getattr(basis, "complete", True):
+            return
+        self.randomized += 1
+        self.worst_residual = max(self.worst_residual, basis.residual)
 
     def _compute(self, info: LayerInfo, decomposition: Decomposition, kernel: torch.Tensor,
                  leading: int | None) -> Any:
@@ -87,8 +114,7 @@ class BasisStore:
         except RandomizedSVDError:
             self.fallbacks += 1
             return decomposition.basis(kernel)
-        self.randomized += 1
-        self.worst_residual = max(self.worst_residual, basis.residual)
+        self._count_randomized(basis)
         return basis
 
     def describe(self) -> dict[str, Any]:

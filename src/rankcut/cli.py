@@ -158,7 +158,7 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
     try:
         if report_path and any(Path(report_path).resolve() == Path(p).resolve() for p in protected):
             raise CheckpointError(f"--report {report_path} is an input file; choose another path")
-        if out and main_process:
+        if out:  # in every process, so that a refusal stops them all before they wait on each other
             prepare_output_dir(out, force=force, protected=protected)
         inputs = _example_inputs(source, task_obj, input_shape)
         compressed, report = compress_model(

@@ -3,7 +3,8 @@
 Every process runs the same command on the same model. Layers' bases are computed by one process each and
 broadcast; calibration batches and probe batches are split into contiguous shares and the results gathered
 in batch order, so every process — and the plan — sees exactly what a single process would. Validation
-checks run in every process (they are the task's own code). Gloo on CPU, NCCL on GPUs.
+checks run in every process (they are the task's own code) and rank 0's result is used by all. Gloo on
+CPU, NCCL when CUDA is available (tensors are exchanged through the GPU).
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ class Group:
         value = torch.tensor([int(flag)], device=self._device())
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
+
+    def broadcast_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Rank 0's metrics in every process, so that decisions taken on them are the same everywhere."""
+        if self.world == 1:
+            return metrics
+        tensors = {name: torch.tensor(value, dtype=torch.float64) for name, value in metrics.items()}
+        return {name: float(value) for name, value in self.broadcast_tensors(tensors, 0).items()}
 
     def _device(self) -> torch.device:
         nccl = dist.get_backend() == "nccl"  # NCCL moves CUDA tensors only

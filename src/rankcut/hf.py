@@ -19,9 +19,15 @@ from torch import nn
 
 CONFIG_FILE = "config.json"
 FORMAT = "transformers"
-# Files of the input directory that a compressed output must not inherit: the old weights and rankcut's own.
-_NOT_CARRIED = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json", "plan.json", "report.json")
+# What a compressed output must not inherit from its input, at any depth: the old weights in any format (they
+# would be stale, uncompressed copies), their indexes, exported graphs, training checkpoints, rankcut's files.
+_NOT_CARRIED = ("plan.json", "report.json", "onnx", "openvino")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".ot", ".onnx", ".pt", ".pth", ".ckpt", ".gguf")
+
+
+def _not_carried(name: str) -> bool:
+    return (name in _NOT_CARRIED or name.startswith((".", "checkpoint-")) or name.endswith(".index.json")
+            or name.endswith(_WEIGHT_SUFFIXES))
 
 
 def _transformers() -> Any:
@@ -105,15 +111,21 @@ def write_config(model: nn.Module, out: Path) -> None:
 
 
 def carry_files(source_dir: str | os.PathLike, out: Path) -> list[str]:
-    """Copy the input directory's other files (tokenizer, README, sub-folders) into ``out``; return their names."""
+    """Copy the input directory's other files (tokenizer, README, sub-folders) into ``out``, but never its
+    weights in any format; return the names copied."""
     copied = []
-    for item in sorted(Path(source_dir).iterdir()):
-        if item.name in _NOT_CARRIED or item.name.startswith(".") or item.suffix == ".safetensors":
+    def ignored(folder: str, names: list[str]) -> list[str]:
+        inside = [Path(folder, name).resolve() for name in names]
+        return [name for name, path in zip(names, inside, strict=True)
+                if _not_carried(name) or path == out.resolve() or path in out.resolve().parents]
+
+    source = Path(source_dir)
+    skipped = set(ignored(str(source), [item.name for item in source.iterdir()]))
+    for item in sorted(source.iterdir()):
+        if item.name in skipped:
             continue
-        if item.resolve() == out.resolve() or item.resolve() in out.resolve().parents:
-            continue  # the output folder itself, when it was made inside the input folder
         if item.is_dir():
-            shutil.copytree(item, out / item.name, dirs_exist_ok=True)
+            shutil.copytree(item, out / item.name, dirs_exist_ok=True, ignore=ignored)
         elif item.is_file():
             shutil.copy2(item, out / item.name)
         else:

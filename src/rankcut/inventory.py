@@ -44,6 +44,11 @@ class Candidate:
             self.bases[decomposition.name] = self.store.basis(self.info, decomposition, kernel)
         return self.bases[decomposition.name]
 
+    def adopt_basis(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the layer's basis as computed elsewhere (another process), through the store."""
+        kernel = kernel_of(self.module, self.info)
+        self.bases[self.decomposition.name] = self.store.adopt(self.info, self.decomposition, kernel, tensors)
+
     @property
     def rank_limit(self) -> int | None:
         """The largest rank the layer's basis holds when it is partial (a randomized SVD), else None."""

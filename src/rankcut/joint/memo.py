@@ -1,7 +1,8 @@
 """Loss statistics and probe measurements kept in the disk cache, so a second run (another budget) reuses them.
 
-The key hashes every tensor of the model's state, every calibration batch and the selector's settings:
-anything that could change a statistic or a probe changes the key.
+The key hashes every tensor of the model's state, every calibration batch (tensors, arrays and any other
+values) and the selector's settings. The loss function cannot be hashed, so an entry also records the
+calibration loss it was measured at, and is used only when this run measures the same loss.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,29 +20,39 @@ from rankcut.joint.statistics import ComponentStats
 KIND = "loss-statistics"
 
 
-def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor inside a batch (tensors, tuples, lists and mappings, e.g. tokenizer output)."""
+def _leaves(value: Any) -> Iterator[torch.Tensor | str]:
+    """Every leaf of a batch: tensors (numpy arrays as tensors) and the text of any other value."""
     if isinstance(value, torch.Tensor):
         yield value
+    elif isinstance(value, np.ndarray):
+        yield torch.from_numpy(np.ascontiguousarray(value))
     elif isinstance(value, Mapping):
         for key in sorted(value, key=str):
-            yield from _tensors_in(value[key])
+            yield str(key)
+            yield from _leaves(value[key])
     elif isinstance(value, (tuple, list)):
         for item in value:
-            yield from _tensors_in(item)
+            yield from _leaves(item)
+    else:
+        yield repr(value)
 
 
 def statistics_key(model: nn.Module, names: Sequence[str], batches: Sequence[Any], settings: str) -> str:
     """The cache key of one model's statistics on these batches with these selector settings."""
     tensors = [t for t in model.state_dict().values() if isinstance(t, torch.Tensor)]
-    tensors += [t for batch in batches for t in _tensors_in(batch)]
-    return digest(tensors, settings, *names)
+    leaves = [leaf for batch in batches for leaf in _leaves(batch)]
+    tensors += [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    return digest(tensors, settings, *names, *(leaf for leaf in leaves if isinstance(leaf, str)))
 
 
-def load(disk: DiskCache, key: str) -> tuple[dict[str, ComponentStats], dict[str, dict[int, float]]] | None:
-    """Cached statistics and probe measurements by layer name, or None."""
+def load(disk: DiskCache, key: str,
+         baseline: float) -> tuple[dict[str, ComponentStats], dict[str, dict[int, float]]] | None:
+    """Cached statistics and probe measurements by layer name, or None (also when the entry was measured at
+    another calibration loss than ``baseline``: another loss function)."""
     tensors = disk.load(KIND, key)
-    if tensors is None:
+    if tensors is None or "baseline" not in tensors:
+        return None
+    if abs(float(tensors["baseline"]) - baseline) > 1e-6 * max(abs(baseline), 1e-12):
         return None
     stats = {name[2:]: ComponentStats(name[2:], a) for name, a in tensors.items() if name.startswith("a:")}
     probes = {name[7:]: {int(k): float(v) for k, v in table.tolist()}
@@ -49,9 +61,11 @@ def load(disk: DiskCache, key: str) -> tuple[dict[str, ComponentStats], dict[str
 
 
 def save(disk: DiskCache, key: str, stats: Mapping[str, ComponentStats],
-         probes: Mapping[str, Mapping[int, float]]) -> None:
-    """Store statistics and probe measurements (removed components → measured loss change) by layer name."""
+         probes: Mapping[str, Mapping[int, float]], baseline: float) -> None:
+    """Store statistics and probe measurements (removed components → measured loss change) by layer name,
+    with the calibration loss they were measured at."""
     tensors = {f"a:{name}": s.a for name, s in stats.items()}
+    tensors["baseline"] = torch.tensor(baseline, dtype=torch.float64)
     tensors.update({f"probes:{name}": torch.tensor(sorted(table.items()), dtype=torch.float64).reshape(-1, 2)
                     for name, table in probes.items()})
     disk.save(KIND, key, tensors)

@@ -24,7 +24,7 @@ def low_rank_weight(candidate: Candidate, kept: Sequence[int]) -> torch.Tensor:
     kernel = candidate.basis().reconstruct(kept).reshape(info.out_channels, info.in_per_group, *info.kernel_size)
     if info.kind == "hf_conv1d":
         kernel = kernel.t()
-    return kernel.to(candidate.module.weight.dtype)
+    return kernel.to(candidate.module.weight)  # its dtype and device
 
 
 @contextmanager

@@ -87,15 +87,20 @@ class LossAware(Selector):
             if not candidate.decomposition.supports_components:
                 raise ValueError(f"{self.spec}: layer {candidate.name!r} uses {candidate.decomposition.name}; the "
                                  "loss-aware selectors work on the svd decomposition (use decomposition='svd')")
+            if candidate.rank_limit is not None:
+                raise ValueError(f"{self.spec}: layer {candidate.name!r} has a partial randomized SVD; the loss "
+                                 "statistics need every component: raise randomized_above (--randomized-above)")
         if self.metric == "macs" and any(c.info.output_positions == 0 for c in candidates):
             raise ValueError(f"{self.spec} needs MACs per layer: pass example_inputs (or a task) to compress")
         start = time.perf_counter()
         group = Group.current()
         batches = list(self.task.calibration_batches(self.calibration_samples, self.batch_size))
+        probe_batches = batches[: max(1, -(-self.probe_samples // self.batch_size))]
+        probe = LossProbe(self.model, probe_batches, self.task.loss, group)
         disk = candidates[0].store.disk if candidates else None
         key = (memo.statistics_key(self.model, [c.name for c in candidates], batches,
                                    f"{self.probe_samples}/{self.order}") if disk is not None else "")
-        cached = memo.load(disk, key) if disk is not None else None
+        cached = memo.load(disk, key, probe.baseline) if disk is not None else None
         if not group.all_agree(cached is not None):
             cached = None
             stats = self._statistics(candidates, batches, group)
@@ -106,8 +111,6 @@ class LossAware(Selector):
         self._active_fraction = self._fraction_of_active(candidates, stats)
         candidates = [c for c in candidates if c.name in stats]
         by_name = {c.name: c for c in candidates}
-        probe_batches = batches[: max(1, -(-self.probe_samples // self.batch_size))]
-        probe = LossProbe(self.model, probe_batches, self.task.loss, group)
         tolerance = 1e-3 * abs(probe.baseline)
         curves = {c.name: LayerCurve.of(c, stats[c.name], self.order) for c in candidates}
         for name, table in measured.items():
@@ -120,8 +123,8 @@ class LossAware(Selector):
         self._measure([(curves[name], option.note) for name, option in chosen.items()
                        if option.rank is not None and source == "loss-aware"], probe, "measuring the plan")
         kept = {name: option.components for name, option in chosen.items() if option.rank is not None}
-        if disk is not None and group.is_main:
-            memo.save(disk, key, stats, {name: curve.probes for name, curve in curves.items()})
+        if disk is not None:  # every process: with a cache folder per node, each node keeps its own entry
+            memo.save(disk, key, stats, {name: curve.probes for name, curve in curves.items()}, probe.baseline)
         self.summary = {
             "mode": self.mode, "criterion": self.criterion, "order": self.order, "plan_source": source,
             "calibration_samples": next(iter(stats.values())).a.shape[0], "probe_samples": self.probe_samples,
@@ -289,7 +292,7 @@ class LossAware(Selector):
                   checks: list[dict[str, Any]]) -> dict[str, float]:
         kept = {name: option.components for name, option in plan.items() if option.rank is not None}
         with substituted(candidates, kept):
-            metrics = self.task.evaluate(self.model, "validation")
+            metrics = Group.current().broadcast_metrics(self.task.evaluate(self.model, "validation"))
         total = sum(option.cost for option in plan.values()) if plan else None
         checks.append({"plan": label, "validation": metrics, "cost": total})
         return metrics

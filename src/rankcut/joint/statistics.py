@@ -51,10 +51,11 @@ class _Projector:
         self.info, self.module = info, candidate.module
         self.groups, self.rank = spectrum.U.shape[0], spectrum.max_rank
         dtype = info.dtype
-        self.left = spectrum.U.to(dtype)  # (g, m, n)
+        self.left = spectrum.U.to(device=info.device, dtype=dtype)  # (g, m, n)
         # Right vectors as a weight that maps inputs to (g·n) projections: Linear weight or grouped conv filters.
-        self.right = spectrum.Vh.to(dtype).reshape(self.groups * self.rank, info.in_per_group, *info.kernel_size)
-        self.sigma = spectrum.S.to(torch.float64)  # (g, n)
+        right = spectrum.Vh.to(device=info.device, dtype=dtype)
+        self.right = right.reshape(self.groups * self.rank, info.in_per_group, *info.kernel_size)
+        self.sigma = spectrum.S.to(device=info.device, dtype=torch.float64)  # (g, n)
         self.chunks: list[torch.Tensor] = []
 
     def project_input(self, x: torch.Tensor) -> torch.Tensor:

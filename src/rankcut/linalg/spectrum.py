@@ -89,16 +89,20 @@ class Spectrum:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to rebuild this spectrum, by name (for a safetensors file or a broadcast)."""
         return {"U": self.U.contiguous(), "S": self.S.contiguous(), "Vh": self.Vh.contiguous(),
-                "total_squares": self.total_squares.contiguous(), "shape": torch.tensor(self._shape)}
+                "total_squares": self.total_squares.contiguous(), "shape": torch.tensor(self._shape),
+                "residual": torch.tensor(self.residual, dtype=torch.float64)}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], loader: VectorLoader | None = None) -> Spectrum:
         """The spectrum ``tensors()`` described; with ``loader``, U and Vh are read on access instead."""
         if loader is None:
-            return cls(tensors["U"], tensors["S"], tensors["Vh"], total_squares=tensors["total_squares"])
-        shape = (int(tensors["shape"][0]), int(tensors["shape"][1]))
-        return cls(None, tensors["S"], None, matrix_shape=shape, total_squares=tensors["total_squares"],
-                   loader=loader)
+            spectrum = cls(tensors["U"], tensors["S"], tensors["Vh"], total_squares=tensors["total_squares"])
+        else:
+            shape = (int(tensors["shape"][0]), int(tensors["shape"][1]))
+            spectrum = cls(None, tensors["S"], None, matrix_shape=shape, total_squares=tensors["total_squares"],
+                           loader=loader)
+        spectrum.residual = float(tensors["residual"]) if "residual" in tensors else 0.0
+        return spectrum
 
     @property
     def complete(self) -> bool:
