@@ -110,28 +110,16 @@ def write_config(model: nn.Module, out: Path) -> None:
         generation.save_pretrained(out)
 
 
-def carry_files(source_dir: str | os.PathLike, out: Path) -> list[str]:
+def carry_files(source_dir: str | os.PathLike, out: Path) -> None:
     """Copy the input directory's other files (tokenizer, README, sub-folders) into ``out``, but never its
-    weights in any format; return the names copied."""
-    copied = []
-    def ignored(folder: str, names: list[str]) -> list[str]:
-        inside = [Path(folder, name).resolve() for name in names]
-        return [name for name, path in zip(names, inside, strict=True)
-                if _not_carried(name) or path == out.resolve() or path in out.resolve().parents]
+    weights in any format, nor ``out`` itself when it lies inside the input."""
+    target = out.resolve()
 
-    source = Path(source_dir)
-    skipped = set(ignored(str(source), [item.name for item in source.iterdir()]))
-    for item in sorted(source.iterdir()):
-        if item.name in skipped:
-            continue
-        if item.is_dir():
-            shutil.copytree(item, out / item.name, dirs_exist_ok=True, ignore=ignored)
-        elif item.is_file():
-            shutil.copy2(item, out / item.name)
-        else:
-            continue
-        copied.append(item.name)
-    return copied
+    def ignored(folder: str, names: list[str]) -> list[str]:
+        return [name for name in names if _not_carried(name) or Path(folder, name).resolve() in (target,
+                *target.parents)]
+
+    shutil.copytree(source_dir, out, ignore=ignored, dirs_exist_ok=True)
 
 
 def from_pretrained(path: str | os.PathLike) -> nn.Module:
