@@ -1,6 +1,6 @@
 # `make demo` compresses the built-in real model on real data; `make test` runs lint and the test suite;
 # `make bench` runs the default benchmark sweep (ResNet-20 and MiniLM, two budgets, every method) into
-# runs/bench/: 10.8 minutes from a fresh clone on 2 cores (2026-11-23), plus 51 s of install. All install what
+# runs/bench/: about 10 minutes on 2 cores (595 s on 2026-11-23, a package reinstall included). All install what
 # they need first (Debian datasets + .venv).
 VENV := .venv
 STAMP := $(VENV)/.installed

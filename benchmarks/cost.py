@@ -22,7 +22,7 @@ from rankcut.joint import LossAware
 from rankcut.sources import ZOO
 
 
-def measure(model_name: str, probe_samples: int) -> dict:
+def measure(model_name: str, probe_samples: int | None) -> dict:
     task = ZOO[model_name].task()
     model = task.build_model()
     start = time.perf_counter()
@@ -41,8 +41,10 @@ def measure(model_name: str, probe_samples: int) -> dict:
     kept = sum(layer.params_after for layer in supported) / sum(layer.params_before for layer in supported)
     floor = svd_seconds + eval_seconds
     row = {"model": model_name, "svd_s": svd_seconds, "eval_s": eval_seconds, "floor_s": floor,
-           "compact_s": compact_seconds, "ratio": compact_seconds / floor, "probe_samples": probe_samples,
-           "statistics_and_probes_s": summary["seconds"]["statistics_and_probes"],
+           "compact_s": compact_seconds, "ratio": compact_seconds / floor, "probe_samples": selector.probe_samples,
+           "statistics_s": summary["seconds"]["statistics"],
+           "probes_s": summary["seconds"]["probes_and_allocation"],
+           "validation_s": summary["seconds"]["validation"],
            "validation_checks": len(summary["validation_checks"]), "probe_measurements": summary["probe_measurements"],
            "factorizable_kept": kept}
     print(f"{model_name}: floor {floor:.1f} s (SVDs {svd_seconds:.1f} + eval {eval_seconds:.1f}), compact "
@@ -53,19 +55,22 @@ def measure(model_name: str, probe_samples: int) -> dict:
 def table(results: dict) -> str:
     lines = [f"### Cost of `compact` ({results['date']}, {results['machine']})", "",
              "| model | SVD of every layer s | one validation eval s | floor s | compact s | × floor "
-             "| of which statistics + probes s | probes | validation checks | factorizable params kept |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| statistics pass s | probes + allocation s | validation s | probes (samples each) | validation checks "
+             "| factorizable params kept |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         lines.append(f"| {row['model']} | {row['svd_s']:.1f} | {row['eval_s']:.1f} | {row['floor_s']:.1f} | "
-                     f"{row['compact_s']:.1f} | {row['ratio']:.1f} | {row['statistics_and_probes_s']:.1f} | "
-                     f"{row['probe_measurements']} | {row['validation_checks']} | {row['factorizable_kept']:.1%} |")
+                     f"{row['compact_s']:.1f} | {row['ratio']:.1f} | {row['statistics_s']:.1f} | "
+                     f"{row['probes_s']:.1f} | "
+                     f"{row['validation_s']:.1f} | {row['probe_measurements']} ({row['probe_samples']}) | "
+                     f"{row['validation_checks']} | {row['factorizable_kept']:.1%} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", choices=sorted(ZOO))
-    parser.add_argument("--probe-samples", type=int, default=512)
+    parser.add_argument("--probe-samples", type=int, help="calibration samples per probe (default: compact's, 128)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)

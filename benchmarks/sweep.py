@@ -57,7 +57,7 @@ def matched(make: Callable[[float], Selector], model: nn.Module, inventory: Inve
 
 
 def run(model_name: str, budgets: list[float], methods: list[str], repeats: int, batches: tuple[int, ...],
-        probe_samples: int) -> dict:
+        probe_samples: int | None) -> dict:
     task = ZOO[model_name].task()
     original = task.build_model()
     inputs = task.example_inputs()
@@ -91,6 +91,11 @@ def run(model_name: str, budgets: list[float], methods: list[str], repeats: int,
         "tltorch-tucker": lambda f: tltorch_tucker(original, f, names),
         "lossless": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
                                                                     progress=False)),
+        "budget-tucker2": lambda f: (rankcut.compress(original, f"budget:params={f}", decomposition="auto",
+                                                      progress=False)[0],
+                                     f"budget:params={f}, decomposition auto (Tucker-2 for k×k convs)"),
+        "lossless-tucker2": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
+                                                                            progress=False), "auto"),
         "compact": lambda f: _loss_aware(original, task, LossAware("compact", probe_samples=probe_samples,
                                                                    progress=False)),
         "compact-metric": lambda f: _loss_aware(original, task, LossAware("compact", probe_samples=probe_samples,
@@ -120,10 +125,11 @@ def run(model_name: str, budgets: list[float], methods: list[str], repeats: int,
     return results
 
 
-def _loss_aware(model: nn.Module, task, selector: LossAware) -> tuple[nn.Module, str]:
-    compressed, report = rankcut.compress(model, selector, task=task, progress=False)
+def _loss_aware(model: nn.Module, task, selector: LossAware, decomposition: str = "svd") -> tuple[nn.Module, str]:
+    compressed, report = rankcut.compress(model, selector, task=task, decomposition=decomposition, progress=False)
     selection = report.plan.meta["selection"]
-    return compressed, (f"{selector.spec}, {selection['calibration_samples']} calibration samples, "
+    return compressed, (f"{selector.spec}, decomposition {decomposition}, "
+                        f"{selection['calibration_samples']} calibration samples, "
                         f"{selection['probe_measurements']} probes, "
                         f"{len(selection['validation_checks'])} validation checks, plan: {selection['plan_source']}")
 
@@ -135,7 +141,8 @@ def _selector(model, inventory, make, fraction, label) -> tuple[nn.Module, str]:
 
 
 METHODS = ["uniform-svd", "asvd", "tltorch-tucker", "energy", "evbmf", "budget", "budget-r8", "budget-guard",
-           "lossless", "compact", "compact-metric"]
+           "budget-tucker2", "lossless", "lossless-tucker2", "compact", "compact-metric"]
+CONV_ONLY = ("tltorch-tucker", "budget-tucker2", "lossless-tucker2")  # same as their svd rows on a transformer
 SIZELESS = ("compact", "compact-metric")
 
 
@@ -146,15 +153,15 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--probe-samples", type=int, default=512, help="lossless/compact: calibration samples "
-                        "per probe (fewer is faster; MiniLM's results used 128)")
+    parser.add_argument("--probe-samples", type=int, help="lossless/compact: calibration samples per probe "
+                        "(default: the selector's, 512 lossless and 128 compact; make bench uses 128)")
     parser.add_argument("--append", action="store_true", help="merge into --out, replacing rows of these methods")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
     methods = args.methods.split(",")
-    if "tltorch-tucker" in methods and args.model == "minilm":
-        methods.remove("tltorch-tucker")  # its Tucker applies to convs; MiniLM has none
+    if args.model == "minilm":  # Tucker-2 applies to convs; MiniLM has none
+        methods = [m for m in methods if m not in CONV_ONLY]
     results = run(args.model, [float(b) for b in args.budgets.split(",")], methods, args.repeats,
                   tuple(int(b) for b in args.batches.split(",")), args.probe_samples)
     if args.append and args.out.is_file():

@@ -126,6 +126,18 @@ def test_compress_lossless_from_the_shell(tmp_path):
     assert report["selection"]["validation_checks"]
 
 
+def test_compact_with_tucker2_and_probe_samples_from_the_shell(tmp_path):
+    """auto: Tucker-2 for the k×k convs and SVD for the head, both loss-aware in one run."""
+    report_path = tmp_path / "report.json"
+    result = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", "--select", "compact",
+                 "--decomposition", "auto", "--calibration-samples", "32", "--batch-size", "16",
+                 "--probe-samples", "16", "--split", "none", "--report", str(report_path), "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["selection"]["probe_samples"] == 16
+    assert {layer["decomposition"] for layer in report["layers"] if layer["supported"]} == {"svd", "tucker2"}
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--select", "fixed:0.5", "--target", "params=0.5"], "--target goes with --select lossless"),
     (["--select", "compact", "--target", "params=0.5"], "compact finds its own size"),

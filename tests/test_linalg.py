@@ -74,3 +74,25 @@ def test_tucker2_recovers_a_planted_multilinear_rank():
     U_in = torch.linalg.qr(torch.randn(1, 8, 2, generator=g, dtype=torch.float64))[0]
     kernel = torch.einsum("gtr,grskl,gqs->gtqkl", U_out, core, U_in)
     assert TuckerBasis.of(kernel).factorize((3, 2)).relative_error < 1e-10
+
+
+def test_tucker2_projection_on_chosen_components():
+    """``truncate`` keeps exactly the chosen singular vectors of each unfolding (no HOOI): the leading ones give
+    the HOSVD, all of them the kernel; its error and ``captured_energy`` agree, and ``kernel()`` rebuilds it."""
+    kernel = _random(2, 6, 4, 3, 3, seed=5)
+    basis = TuckerBasis.of(kernel)
+    full = basis.truncate(range(basis.max_ranks[0]), range(basis.max_ranks[1]))
+    torch.testing.assert_close(full.kernel(), kernel, rtol=0, atol=1e-12)
+    leading = basis.truncate(range(3), range(2))
+    hosvd = basis.factorize((3, 2), iterations=0)
+    torch.testing.assert_close(leading.kernel(), _reconstruct(hosvd), rtol=0, atol=1e-12)
+    captured = basis.captured_energy([(3, 2), basis.max_ranks])
+    assert leading.relative_error**2 == pytest.approx(1 - float(captured[0]), rel=1e-9)
+    assert float(captured[1]) == pytest.approx(1.0, rel=1e-12)
+    subset = basis.truncate([0, 2], [1])
+    U_out, U_in = basis.out_spectrum.U[:, :, [0, 2]], basis.in_spectrum.U[:, :, [1]]
+    project_out, project_in = U_out @ U_out.transpose(1, 2), U_in @ U_in.transpose(1, 2)
+    expected = torch.einsum("gta,gabkm,gbs->gtskm", project_out, kernel, project_in)  # P_out K P_in
+    torch.testing.assert_close(subset.kernel(), expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="distinct indices"):
+        basis.truncate([0, 0], [1])

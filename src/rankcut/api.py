@@ -17,7 +17,7 @@ from rankcut.counting import count_macs, count_params
 from rankcut.distributed import Group
 from rankcut.inventory import Candidate, DecompositionSpec, IgnoreSpec, Inventory, scan
 from rankcut.latency import LatencyGuard
-from rankcut.layers import Decomposition, Rank, get_decomposition
+from rankcut.layers import Components, Decomposition, LayerInfo, Rank, get_decomposition
 from rankcut.plan import LayerPlan, Plan
 from rankcut.report import Report
 from rankcut.selectors import Choice, RankPolicy, Selector, parse_selector
@@ -47,8 +47,13 @@ def _layer_plan(candidate: Candidate, choice: Choice | None) -> LayerPlan:
         params_after=decomposition.params(info, rank) if rank is not None else info.dense_params,
         macs_before=info.dense_macs,
         macs_after=decomposition.macs(info, rank) if rank is not None else info.dense_macs,
-        components=list(choice.components) if choice is not None and choice.components is not None else None,
+        components=_as_lists(choice.components) if choice is not None and choice.components is not None else None,
     )
+
+
+def _as_lists(components: Components) -> list[int] | list[list[int]]:
+    """Kept components as JSON-ready lists (tucker2 keeps one list per channel mode)."""
+    return [list(mode) if isinstance(mode, tuple) else mode for mode in components]
 
 
 def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example_inputs: ModelInputs | None = None,
@@ -143,7 +148,7 @@ def _replace_layers(model: nn.Module, plan: Plan, candidates: Mapping[str, Candi
         if unsupported:
             raise ValueError(f"layer {layer.name!r}: {unsupported}")
         rank: Rank = decomposition.check_rank(candidate.info, layer.rank)
-        components = _checked_components(layer, decomposition, rank)
+        components = _checked_components(layer, decomposition, candidate.info, rank)
         if fill:
             basis = candidate.basis(decomposition)
             factors = decomposition.build(candidate.info, rank, basis, _bias(candidate.module), components)
@@ -153,19 +158,15 @@ def _replace_layers(model: nn.Module, plan: Plan, candidates: Mapping[str, Candi
         _set_module(model, layer.name, factors)
 
 
-def _checked_components(layer: LayerPlan, decomposition: Decomposition, rank: Rank) -> list[int] | None:
-    """The plan's kept-component list for a layer, after checking it fits the rank and the decomposition."""
-    components = layer.components
-    if components is None:
+def _checked_components(layer: LayerPlan, decomposition: Decomposition, info: LayerInfo,
+                        rank: Rank) -> Components | None:
+    """The plan's kept components for a layer, after checking they fit the rank and the decomposition."""
+    if layer.components is None:
         return None
-    if not decomposition.supports_components:
-        raise ValueError(f"layer {layer.name!r}: the plan keeps a subset of components, which {decomposition.name} "
-                         "cannot do (only svd can)")
-    valid = isinstance(rank, int) and all(isinstance(i, int) and 0 <= i < layer.max_rank for i in components)
-    if not valid or len(set(components)) != len(components) or len(components) != rank:
-        raise ValueError(f"layer {layer.name!r}: plan components must be {rank} distinct indices in "
-                         f"[0, {layer.max_rank}), got {components}")
-    return components
+    try:
+        return decomposition.check_components(info, rank, layer.components)
+    except ValueError as error:
+        raise ValueError(f"layer {layer.name!r}: {error}") from None
 
 
 def _bias(module: nn.Module):

@@ -16,7 +16,8 @@ class LayerPlan:
     """One layer's entry: what it is, what happens to it (``rank`` None: stays dense) and why.
 
     ``components`` lists the kept singular triplets (0 = largest) when a selector kept a subset other than
-    the leading ``rank`` ones; None means the leading ones.
+    the leading ``rank`` ones; None means the leading ones. For tucker2 it holds two lists (output and
+    input channel components) and means "project on exactly these, no HOOI refinement".
     ``supported`` is False for layers no rank could be given (depthwise, ignored, tied...): they are not
     counted as factorizable.
     """
@@ -35,7 +36,7 @@ class LayerPlan:
     macs_before: int = 0
     macs_after: int = 0
     relative_error: float | None = None
-    components: list[int] | None = None  # kept singular triplets when not the leading ``rank`` ones
+    components: list[int] | list[list[int]] | None = None  # kept components when not the default fit
 
     @property
     def factorized(self) -> bool:

@@ -14,6 +14,7 @@ import torch
 
 from rankcut.inventory import Candidate
 from rankcut.joint.statistics import ComponentStats
+from rankcut.layers import Components, Rank
 
 ORDERS = ("taylor", "spectrum")
 
@@ -56,34 +57,52 @@ def removal_order(stats: ComponentStats, sigma_squared: torch.Tensor, order: str
 
 @dataclass
 class LayerCurve:
-    """Predicted and measured loss change of one layer for 0..n−1 removed components (rank n..1)."""
+    """Predicted and measured loss change of one layer for 0..n−1 removed components.
+
+    ``ranks[k]`` is the layer's rank with k removed: n−k for svd, the k-th rank pair of the path for tucker2.
+    """
 
     candidate: Candidate
     order: list[int]
     predicted: torch.Tensor  # (n,): predicted change with the first k of ``order`` removed
     dropped_energy: torch.Tensor  # (n,): ‖δ‖²/‖W‖² with k removed
+    ranks: list[Rank]
     probes: dict[int, float] = field(default_factory=lambda: {0: 0.0})
 
     @classmethod
     def of(cls, candidate: Candidate, stats: ComponentStats, order: str) -> LayerCurve:
-        spectrum = candidate.basis()
-        sigma_squared = (spectrum.S**2).sum(0)
-        sequence = removal_order(stats, sigma_squared, order)
-        index = torch.tensor(sequence)
-        direction = torch.cumsum(stats.a[:, index], dim=1)  # (S, n): Σ a over the first k+1 removed
+        """The layer's curve; a tucker2 layer follows its rank path (``order`` applies to svd layers)."""
+        basis = candidate.basis()
+        n = stats.a.shape[1]
+        if stats.path is None:
+            sigma_squared = (basis.S**2).sum(0)
+            sequence = removal_order(stats, sigma_squared, order)
+            energy = torch.cumsum(sigma_squared[torch.tensor(sequence)], 0) / sigma_squared.sum().clamp(min=1e-300)
+            dropped = torch.cat([torch.zeros(1, dtype=energy.dtype), energy[:-1]])
+            ranks: list[Rank] = list(range(n, 0, -1))
+        else:
+            sequence = list(range(n - 1, -1, -1))
+            ranks = list(stats.path)
+            dropped = (1 - basis.captured_energy(ranks)).clamp(min=0)
+        direction = torch.cumsum(stats.a[:, torch.tensor(sequence)], dim=1)  # (S, n): Σ a over the first k+1
         change = -direction.mean(0) + 0.5 * (direction**2).mean(0)
         predicted = torch.cat([torch.zeros(1, dtype=change.dtype), change[:-1]])
-        energy = torch.cumsum(sigma_squared[index], 0) / sigma_squared.sum().clamp(min=1e-300)
-        dropped = torch.cat([torch.zeros(1, dtype=energy.dtype), energy[:-1]])
-        return cls(candidate, sequence, predicted, dropped)
+        return cls(candidate, sequence, predicted, dropped, ranks)
 
     @property
-    def max_rank(self) -> int:
+    def size(self) -> int:
+        """Number of points on the curve (components of an svd layer, rank pairs of a tucker2 path)."""
         return len(self.order)
 
-    def kept(self, removed: int) -> tuple[int, ...]:
-        """Indices of the components kept when the first ``removed`` of the order are dropped."""
-        return tuple(sorted(self.order[removed:]))
+    def removed_for(self, rank: Rank) -> int | None:
+        """How many components are removed at ``rank``, or None when the curve does not pass through it."""
+        return self.ranks.index(rank) if rank in self.ranks else None
+
+    def kept(self, removed: int) -> Components:
+        """The layer's kept components when the first ``removed`` of the order are dropped."""
+        if self.candidate.decomposition.name == "svd":
+            return tuple(sorted(self.order[removed:]))
+        return self.candidate.decomposition.leading_components(self.ranks[removed])
 
     def residual(self, removed: int) -> float:
         """Measured minus predicted change, interpolated between probes in dropped energy."""

@@ -16,6 +16,7 @@ from torch import nn
 
 from rankcut.cache import DiskCache, digest
 from rankcut.joint.statistics import ComponentStats
+from rankcut.layers import Rank
 
 KIND = "loss-statistics"
 
@@ -45,16 +46,18 @@ def statistics_key(model: nn.Module, names: Sequence[str], batches: Sequence[Any
     return digest(tensors, settings, *names, *(leaf for leaf in leaves if isinstance(leaf, str)))
 
 
-def load(disk: DiskCache, key: str,
-         baseline: float) -> tuple[dict[str, ComponentStats], dict[str, dict[int, float]]] | None:
+def load(disk: DiskCache, key: str, baseline: float, paths: Mapping[str, tuple[Rank, ...]]
+         ) -> tuple[dict[str, ComponentStats], dict[str, dict[int, float]]] | None:
     """Cached statistics and probe measurements by layer name, or None (also when the entry was measured at
-    another calibration loss than ``baseline``: another loss function)."""
+    another calibration loss than ``baseline``: another loss function). ``paths``: the tucker2 layers' rank
+    paths, which are part of the key."""
     tensors = disk.load(KIND, key)
     if tensors is None or "baseline" not in tensors:
         return None
     if abs(float(tensors["baseline"]) - baseline) > 1e-6 * max(abs(baseline), 1e-12):
         return None
-    stats = {name[2:]: ComponentStats(name[2:], a) for name, a in tensors.items() if name.startswith("a:")}
+    stats = {name[2:]: ComponentStats(name[2:], a, paths.get(name[2:]))
+             for name, a in tensors.items() if name.startswith("a:")}
     probes = {name[7:]: {int(k): float(v) for k, v in table.tolist()}
               for name, table in tensors.items() if name.startswith("probes:")}
     return stats, probes

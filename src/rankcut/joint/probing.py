@@ -1,7 +1,8 @@
 """Real loss measurements of partly factorized models, by swapping in low-rank weights without module surgery.
 
-A layer whose weight is replaced by ``Σ_{i∈K} σ_i u_i v_iᵀ`` computes exactly what its factorized form
-computes (up to float rounding), so measuring a plan needs no copy of the model.
+A layer whose weight is replaced by the product of its kept components (``Σ_{i∈K} σ_i u_i v_iᵀ`` for svd, the
+projection on the kept channel components for tucker2) computes exactly what its factorized form computes
+(up to float rounding), so measuring a plan needs no copy of the model.
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ from torch import nn
 from rankcut.distributed import Group
 from rankcut.inventory import Candidate
 from rankcut.joint.statistics import LossFn
+from rankcut.layers import Components
 
 
-def low_rank_weight(candidate: Candidate, kept: Sequence[int]) -> torch.Tensor:
-    """The layer's weight rebuilt from its ``kept`` singular components, in the module's layout and dtype."""
+def low_rank_weight(candidate: Candidate, kept: Components) -> torch.Tensor:
+    """The layer's weight rebuilt from its ``kept`` components, in the module's layout and dtype."""
     info = candidate.info
-    kernel = candidate.basis().reconstruct(kept).reshape(info.out_channels, info.in_per_group, *info.kernel_size)
+    matrices = candidate.decomposition.reconstruct(candidate.basis(), kept)
+    kernel = matrices.reshape(info.out_channels, info.in_per_group, *info.kernel_size)
     if info.kind == "hf_conv1d":
         kernel = kernel.t()
     return kernel.to(candidate.module.weight)  # its dtype and device
 
 
 @contextmanager
-def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Sequence[int]]) -> Iterator[None]:
+def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Components]) -> Iterator[None]:
     """Within the block, each named layer's weight keeps only its ``kept`` components; restored afterwards."""
     originals = {}
     try:
@@ -60,10 +63,13 @@ class LossProbe:
         self.measurements += 1
         value = sum(values) / len(values)
         if value != value or value in (float("inf"), float("-inf")):
+            if self.measurements == 1:
+                raise ValueError(f"the original model's loss on the probe batches is {value}: check the model and "
+                                 "the calibration data (an empty batch gives nan)")
             raise ValueError(f"probe loss is {value}: a truncated layer broke the model's numerics")
         return value
 
-    def change(self, candidates: Mapping[str, Candidate], kept: Mapping[str, Sequence[int]]) -> float:
+    def change(self, candidates: Mapping[str, Candidate], kept: Mapping[str, Components]) -> float:
         """Measured loss change when the named layers keep only the given components."""
         with substituted(candidates, kept):
             return self.measure() - self.baseline

@@ -2,19 +2,21 @@
 
 Steps, all without fine-tuning and without touching the test split:
 1. one forward/backward pass over calibration batches gives every layer's per-component loss statistics;
-2. each layer gets a curve "loss change vs components removed" (Taylor prediction), checked by real probes at
-   a few sizes; the trusted range ends where prediction and measurement part;
+2. each layer gets a curve "loss change vs components removed" (Taylor prediction; a tucker2 layer's curve
+   follows its rank-pair path), checked by real probes (lossless: at half and a quarter of each layer's
+   params); the trusted range ends where prediction and measurement part;
 3. layers are allocated jointly along the greedy path of least loss added per parameter (or MAC) saved; any
    chosen size outside a layer's trusted range is measured and the allocation redone;
-4. the result is checked with the task's real evaluation on the validation split: ``compact`` bisects along
-   the path until the validation loss and metric are no worse than the original's; ``lossless`` keeps the
-   best of its plan and the energy-based budget plan at the same size.
+4. the result is checked with the task's real evaluation on the validation split: ``compact`` searches the
+   path, first on the probe batches' loss, then on validation, for the longest prefix whose loss and metric
+   are no worse than the original's; ``lossless`` keeps the better of its plan and the energy-based budget
+   plan at the same size.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,11 +29,13 @@ from rankcut.joint import memo
 from rankcut.joint.curves import ORDERS, LayerCurve
 from rankcut.joint.probing import LossProbe, substituted
 from rankcut.joint.statistics import ComponentStats, gather_statistics
+from rankcut.layers import Rank
 from rankcut.selectors.allocation import Option, greedy_path, walk_to_budget
 from rankcut.selectors.base import Choice, RankPolicy, Selector
 from rankcut.selectors.budget import METRICS, Budget, layer_cost
 
 MODES = ("lossless", "compact")
+LOSS_AWARE, ENERGY = "loss-aware", "energy budget"  # where a plan came from
 CRITERIA = ("loss", "metric")
 
 
@@ -43,12 +47,15 @@ class LossAware(Selector):
     original's (``tolerance`` loosens the loss check, as a fraction of the original loss);
     ``criterion="metric"`` asks only that the validation metric be no worse (e.g. accuracy not below).
     ``order="taylor"`` lets a layer drop any component, not only the smallest ones; ``"spectrum"`` truncates.
+    ``probe_samples`` (default: 512 for lossless, 128 for compact, at most ``calibration_samples``): the
+    calibration samples each probe measures the loss on. compact checks every candidate size on validation,
+    so its probes only shape the path and fewer suffice.
     """
 
     needs_data = True
 
     def __init__(self, mode: str = "compact", fraction: float | None = None, metric: str = "params", *,
-                 calibration_samples: int = 512, batch_size: int = 64, probe_samples: int = 512,
+                 calibration_samples: int = 512, batch_size: int = 64, probe_samples: int | None = None,
                  order: str = "spectrum", tolerance: float = 0.0, max_rounds: int = 3, max_evaluations: int = 10,
                  criterion: str = "loss", progress: bool = True) -> None:
         if mode not in MODES:
@@ -61,6 +68,8 @@ class LossAware(Selector):
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if probe_samples is None:
+            probe_samples = 512 if mode == "lossless" else 128
         if min(calibration_samples, batch_size, probe_samples) < 1:
             raise ValueError("calibration_samples, batch_size and probe_samples must be positive")
         self.mode, self.fraction, self.metric, self.order = mode, fraction, metric, order
@@ -74,6 +83,7 @@ class LossAware(Selector):
         self.task: Any = None
         self.summary: dict[str, Any] = {}
         self._active_fraction: float | None = fraction
+        self._validation_seconds = 0.0
 
     # -- the steps --------------------------------------------------------------------------------------
 
@@ -86,7 +96,7 @@ class LossAware(Selector):
         for candidate in candidates:
             if not candidate.decomposition.supports_components:
                 raise ValueError(f"{self.spec}: layer {candidate.name!r} uses {candidate.decomposition.name}; the "
-                                 "loss-aware selectors work on the svd decomposition (use decomposition='svd')")
+                                 "loss-aware selectors work on the svd and tucker2 decompositions")
             if candidate.rank_limit is not None:
                 raise ValueError(f"{self.spec}: layer {candidate.name!r} has a partial randomized SVD; the loss "
                                  "statistics need every component: raise randomized_above (--randomized-above)")
@@ -97,13 +107,15 @@ class LossAware(Selector):
         batches = list(self.task.calibration_batches(self.calibration_samples, self.batch_size))
         probe_batches = batches[: max(1, -(-self.probe_samples // self.batch_size))]
         probe = LossProbe(self.model, probe_batches, self.task.loss, group)
+        paths = {c.name: self._path(c, policy) for c in candidates if c.decomposition.name != "svd"}
         disk = candidates[0].store.disk if candidates else None
         key = (memo.statistics_key(self.model, [c.name for c in candidates], batches,
-                                   f"{self.probe_samples}/{self.order}") if disk is not None else "")
-        cached = memo.load(disk, key, probe.baseline) if disk is not None else None
+                                   f"{self.probe_samples}/{self.order}/{sorted(paths.items())}")
+               if disk is not None else "")
+        cached = memo.load(disk, key, probe.baseline, paths) if disk is not None else None
         if not group.all_agree(cached is not None):
             cached = None
-            stats = self._statistics(candidates, batches, group)
+            stats = self._statistics(candidates, batches, group, paths)
             measured: dict[str, dict[int, float]] = {}
         else:
             stats, measured = cached
@@ -115,14 +127,17 @@ class LossAware(Selector):
         curves = {c.name: LayerCurve.of(c, stats[c.name], self.order) for c in candidates}
         for name, table in measured.items():
             curves[name].probes.update(table)
-        self._probe_initial(curves, probe)
         statistics_seconds = time.perf_counter() - start
+        if self.mode == "lossless":  # compact checks its sizes on validation; probes where it allocates suffice
+            self._probe_initial(curves, probe)
         chosen = self._allocate(curves, policy, probe, tolerance)
+        probing_seconds = time.perf_counter() - start - statistics_seconds
+        self._validation_seconds = 0.0
         checks: list[dict[str, Any]] = []
-        chosen, source = self._verify(by_name, curves, policy, chosen, checks)
+        chosen, source = self._verify(by_name, curves, policy, chosen, checks, probe)
         self._measure([(curves[name], option.note) for name, option in chosen.items()
-                       if option.rank is not None and source == "loss-aware"], probe, "measuring the plan")
-        kept = {name: option.components for name, option in chosen.items() if option.rank is not None}
+                       if option.rank is not None and source != ENERGY], probe, "measuring the plan")
+        kept = self._kept(chosen)
         if disk is not None:  # every process: with a cache folder per node, each node keeps its own entry
             memo.save(disk, key, stats, {name: curve.probes for name, curve in curves.items()}, probe.baseline)
         self.summary = {
@@ -133,7 +148,8 @@ class LossAware(Selector):
             "predicted_loss_change": sum(option.error for option in chosen.values()),
             "measured_loss_change": probe.change(by_name, kept),
             "validation_checks": checks,
-            "seconds": {"statistics_and_probes": round(statistics_seconds, 2),
+            "seconds": {"statistics": round(statistics_seconds, 2), "probes_and_allocation": round(probing_seconds, 2),
+                        "validation": round(self._validation_seconds, 2),
                         "total": round(time.perf_counter() - start, 2)},
         }
         choices = {name: self._choice(curves[name], chosen[name], tolerance, source, policy) for name in by_name}
@@ -142,21 +158,28 @@ class LossAware(Selector):
                                          "(e.g. a pooler the task does not use)")
         return choices
 
-    def _statistics(self, candidates: Sequence[Candidate], batches: Sequence[Any],
-                    group: Group) -> dict[str, ComponentStats]:
+    @staticmethod
+    def _path(candidate: Candidate, policy: RankPolicy) -> tuple[Rank, ...]:
+        """A tucker2 layer's rank pairs from the full one down: its candidate ranks, largest first."""
+        full = candidate.decomposition.max_rank(candidate.info)
+        return tuple(dict.fromkeys([full, *reversed(policy.candidate_ranks(candidate))]))
+
+    def _statistics(self, candidates: Sequence[Candidate], batches: Sequence[Any], group: Group,
+                    paths: Mapping[str, tuple[Rank, ...]]) -> dict[str, ComponentStats]:
         """Every layer's statistics; with several processes each takes a share of the batches, rows are gathered."""
         mine = group.share(batches)
         local = gather_statistics(self.model, candidates, mine, self.task.loss,
-                                  lambda items: self._bar(items, "loss statistics", len(mine)))
+                                  lambda items: self._bar(items, "loss statistics", len(mine)), paths)
         if group.world == 1:
             return local
         stats = {}
         for candidate in candidates:
-            own = local.get(candidate.name)
-            rows = own.a if own is not None else torch.empty(0, candidate.basis().max_rank, dtype=torch.float64)
+            own, path = local.get(candidate.name), paths.get(candidate.name)
+            width = len(path) if path is not None else candidate.basis().max_rank
+            rows = own.a if own is not None else torch.empty(0, width, dtype=torch.float64)
             gathered = group.gather_rows(rows)
             if gathered.shape[0]:
-                stats[candidate.name] = ComponentStats(candidate.name, gathered)
+                stats[candidate.name] = ComponentStats(candidate.name, gathered, path)
         return stats
 
     def _fraction_of_active(self, candidates: Sequence[Candidate], stats: Mapping[str, Any]) -> float | None:
@@ -176,9 +199,10 @@ class LossAware(Selector):
         for curve in curves.values():
             info, decomposition = curve.candidate.info, curve.candidate.decomposition
             for share in (0.5, 0.25):
-                rank = decomposition.rank_for_params(info, int(share * info.dense_params))
-                if rank is not None:
-                    todo.append((curve, curve.max_rank - rank))
+                fits = [k for k, rank in enumerate(curve.ranks) if decomposition.params(info, rank) <= share
+                        * info.dense_params]
+                if fits:
+                    todo.append((curve, fits[0]))
         self._measure(todo, probe, "probing layers")
 
     def _measure(self, todo: Sequence[tuple[LayerCurve, int]], probe: LossProbe, desc: str) -> None:
@@ -191,8 +215,8 @@ class LossAware(Selector):
         """Dense, plus every (rounded) rank that pays off, with its estimated loss change."""
         options = [Option(None, self._cost(curve.candidate, None), 0.0)]
         for rank in policy.candidate_ranks(curve.candidate):
-            if policy.pays_off(curve.candidate, rank):
-                removed = curve.max_rank - rank
+            removed = curve.removed_for(rank)
+            if removed is not None and policy.pays_off(curve.candidate, rank):
                 options.append(Option(rank, self._cost(curve.candidate, rank), curve.estimate(removed),
                                       curve.kept(removed), removed))
         return options
@@ -246,37 +270,82 @@ class LossAware(Selector):
         return chosen
 
     def _verify(self, candidates: Mapping[str, Candidate], curves: Mapping[str, LayerCurve], policy: RankPolicy,
-                chosen: dict[str, Option], checks: list[dict[str, Any]]) -> tuple[dict[str, Option], str]:
+                chosen: dict[str, Option], checks: list[dict[str, Any]],
+                probe: LossProbe) -> tuple[dict[str, Option], str]:
         """Check plans with the task's real evaluation on the validation split; return the kept one and its source.
 
         lossless: the better (metric, then loss) of this plan and the energy-based budget plan of the same size.
-        compact: bisection along the greedy path for the longest prefix that passes ``_passes``, starting from
-        the prefix the estimates call lossless.
+        compact: a search along the greedy path, first with the probe batches' loss (forward passes on a few
+        calibration samples) for the longest prefix that does not raise it, then on validation from there for
+        the longest prefix that passes ``_passes`` (never longer than the calibration bracket, unless
+        ``criterion="metric"``).
         """
         baseline = self._validate(candidates, {}, "original", checks)
         if self.mode == "lossless":
             alternative = self._energy_plan(candidates, policy)
-            ours = self._validate(candidates, chosen, "loss-aware", checks)
-            theirs = self._validate(candidates, alternative, "energy budget", checks)
-            if self._score(ours) >= self._score(theirs):
-                return chosen, "loss-aware"
-            return alternative, "energy budget"
+            ours = self._validate(candidates, chosen, LOSS_AWARE, checks)
+            theirs = self._validate(candidates, alternative, ENERGY, checks)
+            return (chosen, LOSS_AWARE) if self._score(ours) >= self._score(theirs) else (alternative, ENERGY)
         options = {name: self._options(curve, policy) for name, curve in curves.items()}
         start, steps = greedy_path(options)
-        low, high = 0, len(steps) + 1  # the empty prefix (all dense) passes by definition
-        position = self._feasible_position(start, steps)
-        for _ in range(self.max_evaluations):
-            if position == 0:
-                break
-            plan = self._path_plan(options, position)
-            if self._passes(self._validate(candidates, plan, f"path step {position}/{len(steps)}", checks), baseline):
-                low = position
+
+        def calibration_passes(position: int) -> bool:
+            kept = self._kept(self._path_plan(options, position))
+            return probe.change(candidates, kept) <= self.tolerance * abs(probe.baseline)
+
+        def validation_passes(position: int) -> bool:
+            metrics = self._validate(candidates, self._path_plan(options, position),
+                                     f"path step {position}/{len(steps)}", checks)
+            return self._passes(metrics, baseline)
+
+        # cheap forward passes on the probe batches bracket the search; validation confirms (and corrects)
+        first = max(1, self._feasible_position(start, steps))
+        found, refused = self._last_passing(calibration_passes, first, 0, len(steps) + 1, len(steps) + 1)
+        if self.criterion == "loss":  # validation confirms the calibration bracket, or searches below it
+            low, _ = self._last_passing(validation_passes, found, 0, refused, self.max_evaluations)
+        else:  # a higher loss may still keep the metric: search the whole path, from the best guess
+            low, _ = self._last_passing(validation_passes, found or first, 0, len(steps) + 1, self.max_evaluations)
+        return self._path_plan(options, low), LOSS_AWARE
+
+    @staticmethod
+    def _last_passing(passes: Callable[[int], bool], guess: int, low: int, high: int,
+                      checks: int) -> tuple[int, int]:
+        """Narrow ``[low, high)`` (``low`` passes, ``high`` fails) to the last passing position with at most
+        ``checks`` calls of ``passes``, and return it with the first failing one.
+
+        ``guess`` is tried first. If it fails, positions are tried galloping up from ``low`` (low+1, +2, +4 …),
+        which costs few calls when the answer is near ``low`` (as when a model has nothing to give); then the
+        bracket is bisected.
+        """
+        calls = 0
+
+        def check(position: int) -> bool:
+            nonlocal calls
+            calls += 1
+            return passes(position)
+
+        if low < guess < high and checks > 0:
+            if check(guess):
+                low = guess
             else:
-                high = position
-            if high - low <= 1:
-                break
-            position = (low + high) // 2
-        return self._path_plan(options, low), "loss-aware"
+                high, step = guess, 1
+                while calls < checks and low + step < high:
+                    if not check(low + step):
+                        high = low + step
+                        break
+                    low, step = low + step, 2 * step
+        while calls < checks and high - low > 1:
+            middle = (low + high) // 2
+            if check(middle):
+                low = middle
+            else:
+                high = middle
+        return low, high
+
+    @staticmethod
+    def _kept(plan: Mapping[str, Option]) -> dict[str, Any]:
+        """The kept components of every factorized layer of a plan."""
+        return {name: option.components for name, option in plan.items() if option.rank is not None}
 
     def _energy_plan(self, candidates: Mapping[str, Candidate], policy: RankPolicy) -> dict[str, Option]:
         """The energy-based budget plan at the same size, as options (truncation: leading components)."""
@@ -284,15 +353,16 @@ class LossAware(Selector):
         plan = {}
         for name, choice in budget.items():
             rank = choice.rank
-            components = tuple(range(rank)) if rank is not None else None
+            components = candidates[name].decomposition.leading_components(rank) if rank is not None else None
             plan[name] = Option(rank, self._cost(candidates[name], rank), 0.0, components, choice.reason)
         return plan
 
     def _validate(self, candidates: Mapping[str, Candidate], plan: Mapping[str, Option], label: str,
                   checks: list[dict[str, Any]]) -> dict[str, float]:
-        kept = {name: option.components for name, option in plan.items() if option.rank is not None}
-        with substituted(candidates, kept):
+        begin = time.perf_counter()
+        with substituted(candidates, self._kept(plan)):
             metrics = Group.current().broadcast_metrics(self.task.evaluate(self.model, "validation"))
+        self._validation_seconds += time.perf_counter() - begin
         total = sum(option.cost for option in plan.values()) if plan else None
         checks.append({"plan": label, "validation": metrics, "cost": total})
         return metrics
@@ -313,15 +383,21 @@ class LossAware(Selector):
         if option.rank is None:
             return Choice(None, f"{self.spec}: kept dense (no size of this layer paid for its loss change)"
                                 f"{policy.guard_note(curve.candidate)}")
-        if source != "loss-aware":  # the energy budget plan won the validation check
-            return Choice(option.rank, f"{self.spec}: energy budget plan, better on validation; {option.note}")
+        components = curve.candidate.decomposition.plan_components(option.rank, option.components)
+        if source == ENERGY:  # the energy budget plan won the validation check
+            return Choice(option.rank, f"{self.spec}: energy budget plan, better on validation; {option.note}",
+                          components)
         removed = option.note
-        leading = option.components == tuple(range(option.rank))
+        if isinstance(option.rank, int):
+            subset = "" if components is None else " (not only the smallest)"
+            what = f"drop {removed} of {curve.size} components{subset}"
+        else:
+            what = (f"keep {option.rank[0]}x{option.rank[1]} of {curve.ranks[0][0]}x{curve.ranks[0][1]} channel "
+                    "components (projection on the leading ones, no HOOI)")
         measured = curve.probes.get(removed)
-        why = (f"{self.spec}: drop {removed} of {curve.max_rank} components"
-               f"{'' if leading else ' (not only the smallest)'}; ΔL predicted {float(curve.predicted[removed]):+.4f}"
-               f" (Taylor), estimated {option.error:+.4f}")
+        why = (f"{self.spec}: {what}; ΔL predicted {float(curve.predicted[removed]):+.4f} (Taylor), "
+               f"estimated {option.error:+.4f}")
         if measured is not None:
             why += f", measured {measured:+.4f} (layer alone)"
         why += f"; Taylor trusted up to {curve.trusted(tolerance)} removed"
-        return Choice(option.rank, why, None if leading else option.components)
+        return Choice(option.rank, why, components)

@@ -6,29 +6,40 @@ forming ∂L/∂W: inputs are projected on the right singular vectors (for a con
 output gradients on the left ones, and their product is summed over positions (tokens or pixels).
 Dropping a set D of components then changes the loss by about ``-Σ_{i∈D} mean_s a_si`` (first order) plus
 ``½ mean_s (Σ_{i∈D} a_si)²`` (second order, empirical Fisher) — for every D, from these numbers alone.
+
+A tucker2 layer is gathered the same way in the bases of its two unfoldings: per sample, block (j, l) of
+``⟨∂ℓ_s/∂K, K⟩`` split by output component j and input component l, then summed over every leading block
+(2-D prefix sums) to give the derivative along each step of the layer's rank path at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from rankcut.inventory import Candidate
-from rankcut.linalg import Spectrum
+from rankcut.layers import Rank
+from rankcut.linalg import Spectrum, TuckerBasis
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class ComponentStats:
-    """One layer's per-sample loss derivatives along its singular components: ``a`` has shape (samples, rank)."""
+    """One layer's per-sample loss derivatives along its components: ``a`` has shape (samples, components).
+
+    svd: component i is the singular triplet i. tucker2: ``path`` lists the rank pairs from the full one down,
+    and removing the last k components (n−1 … n−k) is the step to ``path[k]``; component 0 is what is left.
+    """
 
     name: str
     a: torch.Tensor  # float64, (S, n): a_si = σ_i · u_iᵀ (∂ℓ_s/∂W) v_i, summed over groups
+    path: tuple[Rank, ...] | None = None
 
     @property
     def gradient(self) -> torch.Tensor:
@@ -44,7 +55,7 @@ class ComponentStats:
 
 
 class _Projector:
-    """Projects one layer's inputs and output gradients on its singular vectors and accumulates ``a``."""
+    """Projects one svd layer's inputs and output gradients on its singular vectors and accumulates ``a``."""
 
     def __init__(self, candidate: Candidate, spectrum: Spectrum) -> None:
         info = candidate.info
@@ -88,15 +99,78 @@ class _Projector:
         return ComponentStats(name, torch.cat(self.chunks)) if self.chunks else None
 
 
-def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches: Iterable[Any], loss: LossFn,
-                      progress: Callable[[Iterable[Any]], Iterable[Any]] = iter) -> dict[str, ComponentStats]:
-    """``ComponentStats`` of every candidate (SVD basis), from one forward and backward pass per batch.
+def _conv_as(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``module``'s convolution (stride, padding incl. its mode, dilation) with another weight and group count."""
+    conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0
+    return conv(x, weight, None, module.stride, padding, module.dilation, groups)
 
+
+class _TuckerProjector:
+    """Accumulates a tucker2 layer's per-sample loss derivative along every step of its rank path.
+
+    With ``x̃ = U_inᵀ x`` (a 1×1 conv) and ``g̃ = U_outᵀ g``, block (j, l) of ``⟨∂ℓ_s/∂K, K⟩`` in the unfoldings'
+    bases is ``Σ_pos g̃_j · (K̃_jl ∗ x̃_l)``: one depthwise conv of x̃ with the rotated kernel K̃, in chunks of j.
+    """
+
+    chunk_elements = 1 << 24  # floats per chunk of the depthwise conv's output
+
+    def __init__(self, candidate: Candidate, basis: TuckerBasis, path: Sequence[Rank]) -> None:
+        info = candidate.info
+        self.info, self.module = info, candidate.module
+        options = {"device": info.device, "dtype": info.dtype}
+        U_out, U_in = basis.out_spectrum.U, basis.in_spectrum.U  # (g, T/g, R_out), (g, S/g, R_in)
+        self.groups, self.r_out, self.r_in = U_out.shape[0], U_out.shape[2], U_in.shape[2]
+        pointwise = (1,) * info.spatial_dims
+        self.to_inner = U_in.transpose(1, 2).reshape(-1, info.in_per_group, *pointwise).to(**options)
+        self.blocks = basis.rotated().transpose(1, 2).to(**options)  # (g, R_in, R_out, *k): block (l, j)
+        self.left = U_out.to(**options)
+        self.path = tuple(path)
+        self.path_out = torch.tensor([r_out - 1 for r_out, _ in self.path])
+        self.path_in = torch.tensor([r_in - 1 for _, r_in in self.path])
+        self.chunks: list[torch.Tensor] = []
+
+    def project_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``U_inᵀ x`` at every input position (the padding commutes with this per-pixel projection)."""
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.info.spatial_dims - 1]
+        return conv(x, self.to_inner, groups=self.groups)
+
+    def accumulate(self, x_inner: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add one call's per-sample derivatives along the path (×B: the loss is a batch mean)."""
+        batch, g = grad.shape[0], self.groups
+        g_inner = torch.einsum("bgmp,gmn->bgnp", grad.reshape(batch, g, self.info.out_per_group, -1), self.left)
+        blocks = torch.zeros(batch, self.r_out, self.r_in, dtype=torch.float64, device=grad.device)
+        step = max(1, self.chunk_elements // (batch * g * self.r_in * g_inner.shape[-1]))
+        kernel_size = self.blocks.shape[3:]
+        for start in range(0, self.r_out, step):
+            stop = min(self.r_out, start + step)
+            weight = self.blocks[:, :, start:stop].reshape(-1, 1, *kernel_size)
+            z = _conv_as(self.module, x_inner, weight, g * self.r_in).reshape(batch, g, self.r_in, stop - start, -1)
+            blocks[:, start:stop] = torch.einsum("bgljp,bgjp->bjl", z, g_inner[:, :, start:stop]).to(torch.float64)
+        prefix = blocks.cumsum(1).cumsum(2) * batch
+        total = prefix[:, -1, -1:]
+        removed = total - prefix[:, self.path_out, self.path_in]  # (B, n): ⟨g, K − K_path[k]⟩
+        steps = torch.diff(torch.cat([removed, total], 1), dim=1)  # step k: path[k] → path[k+1] (then to 0)
+        self.chunks.append(steps.flip(1).cpu())
+
+    def result(self, name: str) -> ComponentStats | None:
+        return ComponentStats(name, torch.cat(self.chunks), self.path) if self.chunks else None
+
+
+def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches: Iterable[Any], loss: LossFn,
+                      progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
+                      paths: Mapping[str, Sequence[Rank]] | None = None) -> dict[str, ComponentStats]:
+    """``ComponentStats`` of every candidate, from one forward and backward pass per batch.
+
+    ``paths`` gives each tucker2 layer its rank pairs, from the full pair down (svd layers need none).
     Layers the loss does not depend on (never called, or not on the path to the loss) are left out.
     The model's parameters and their ``.grad`` are left untouched: gradients are taken with respect to the
     layers' outputs only. Batches must put samples on the first dimension of every layer's input.
     """
-    projectors = {c.name: _Projector(c, c.basis()) for c in candidates}
+    projectors = {c.name: _projector(c, (paths or {}).get(c.name)) for c in candidates}
     pending: list[tuple[_Projector, torch.Tensor, torch.Tensor]] = []
 
     def hook(projector: _Projector):
@@ -134,3 +208,13 @@ def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches
         model.train(was_training)
     results = {name: projector.result(name) for name, projector in projectors.items()}
     return {name: stats for name, stats in results.items() if stats is not None}
+
+
+def _projector(candidate: Candidate, path: Sequence[Rank] | None) -> _Projector | _TuckerProjector:
+    basis = candidate.basis()
+    if isinstance(basis, Spectrum):
+        return _Projector(candidate, basis)
+    full = candidate.decomposition.max_rank(candidate.info)
+    if not path or tuple(path[0]) != full:
+        raise ValueError(f"layer {candidate.name!r}: tucker2 statistics need its rank path, starting at {full}")
+    return _TuckerProjector(candidate, basis, path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -11,9 +11,11 @@ from torch import nn
 
 from rankcut.layers.factorized import Factorized
 from rankcut.layers.info import LayerInfo
-from rankcut.linalg import Spectrum, TuckerBasis
+from rankcut.linalg import Spectrum, Tucker2Factors, TuckerBasis
 
 Rank = int | tuple[int, ...]
+# kept components: singular triplet indices (svd), or one index tuple per channel mode (tucker2: out, in)
+Components = tuple[int, ...] | tuple[tuple[int, ...], ...]
 
 DECOMPOSITIONS: dict[str, Decomposition] = {}
 
@@ -82,12 +84,12 @@ class Decomposition(ABC):
         """The basis whose ``tensors()`` these are; with ``loader``, large tensors are read on access."""
 
     @abstractmethod
-    def relative_error(self, basis: Any, rank: Rank, components: Sequence[int] | None = None) -> float:
+    def relative_error(self, basis: Any, rank: Rank, components: Components | None = None) -> float:
         """‖W − W_r‖_F / ‖W‖_F of the rank-``rank`` factorization (of ``components`` when given)."""
 
     @abstractmethod
     def build(self, info: LayerInfo, rank: Rank, basis: Any = None, bias: torch.Tensor | None = None,
-              components: Sequence[int] | None = None) -> Factorized:
+              components: Components | None = None) -> Factorized:
         """Factor modules for ``rank``: filled from ``basis``, or an empty skeleton to load weights into.
 
         ``components`` keeps chosen singular triplets instead of the leading ones (``supports_components``).
@@ -96,6 +98,22 @@ class Decomposition(ABC):
     @abstractmethod
     def spectra(self, basis: Any) -> list[Spectrum]:
         """One spectrum per rank component (SVD: the matrix's; Tucker-2: the output and input unfoldings')."""
+
+    def leading_components(self, rank: Rank) -> Components:
+        """The kept components of plain truncation at ``rank`` (``supports_components`` decompositions)."""
+        raise ValueError(f"{self.name} keeps leading components only; a component subset needs svd or tucker2")
+
+    def check_components(self, info: LayerInfo, rank: Rank, components: Any) -> Components:
+        """``components`` in canonical form (tuples), or a ValueError saying what a valid list looks like."""
+        raise ValueError(f"the plan keeps a subset of components, which {self.name} cannot do (svd and tucker2 can)")
+
+    def plan_components(self, rank: Rank, components: Components) -> Components | None:
+        """What a plan records: None when building without ``components`` gives the same weights."""
+        return components
+
+    def reconstruct(self, basis: Any, components: Components) -> torch.Tensor:
+        """The weight that keeps ``components``, as (g, out/g, in/g·k) matrices (float64)."""
+        raise ValueError(f"{self.name} cannot rebuild a weight from a component subset")
 
     def rank_from_parts(self, parts: list[int]) -> Rank:
         """A rank from one value per spectrum (an int when there is one)."""
@@ -136,9 +154,11 @@ class Decomposition(ABC):
         return info.output_positions == 0 or self.macs(info, rank) < info.dense_macs
 
 
-def _no_components(name: str, components: Sequence[int] | None) -> None:
-    if components is not None:
-        raise ValueError(f"{name} keeps leading components only; a component subset needs the svd decomposition")
+def _index_list(values: Any, rank: int, limit: int) -> tuple[int, ...] | None:
+    """``values`` as a tuple of ``rank`` distinct indices in [0, limit), or None when it is not one."""
+    if not isinstance(values, (list, tuple)) or not all(isinstance(i, int) and 0 <= i < limit for i in values):
+        return None
+    return tuple(values) if len(set(values)) == len(values) == rank else None
 
 
 def _conv(info: LayerInfo, n_in: int, n_out: int, kernel: tuple[int, ...] | None, bias: bool) -> nn.Module:
@@ -203,14 +223,30 @@ class SVD(Decomposition, name="svd"):
                            loader: Callable[[str], torch.Tensor] | None = None) -> Spectrum:
         return Spectrum.from_tensors(tensors, loader)
 
-    def relative_error(self, basis: Spectrum, rank: Rank, components: Sequence[int] | None = None) -> float:
+    def relative_error(self, basis: Spectrum, rank: Rank, components: Components | None = None) -> float:
         return basis.relative_error(rank) if components is None else basis.kept_error(components)
 
     def spectra(self, basis: Spectrum) -> list[Spectrum]:
         return [basis]
 
+    def leading_components(self, rank: Rank) -> tuple[int, ...]:
+        return tuple(range(rank))
+
+    def check_components(self, info: LayerInfo, rank: Rank, components: Any) -> tuple[int, ...]:
+        limit = self.max_rank(info)
+        checked = _index_list(components, rank, limit)
+        if checked is None:
+            raise ValueError(f"plan components must be {rank} distinct indices in [0, {limit}), got {components}")
+        return checked
+
+    def plan_components(self, rank: Rank, components: Components) -> Components | None:
+        return None if tuple(components) == self.leading_components(rank) else components
+
+    def reconstruct(self, basis: Spectrum, components: Components) -> torch.Tensor:
+        return basis.reconstruct(components)
+
     def build(self, info: LayerInfo, rank: Rank, basis: Spectrum | None = None,
-              bias: torch.Tensor | None = None, components: Sequence[int] | None = None) -> Factorized:
+              bias: torch.Tensor | None = None, components: Components | None = None) -> Factorized:
         if info.is_conv:
             first = _conv(info, info.in_channels, info.groups * rank, info.kernel_size, bias=False)
             second = _conv(info, info.groups * rank, info.out_channels, None, bias=info.has_bias)
@@ -226,7 +262,14 @@ class SVD(Decomposition, name="svd"):
 
 
 class Tucker2(Decomposition, name="tucker2"):
-    """Tucker-2 of a conv's channel modes (Kim et al. 2016): 1×1 conv → k×k core conv → 1×1 conv, per group."""
+    """Tucker-2 of a conv's channel modes (Kim et al. 2016): 1×1 conv → k×k core conv → 1×1 conv, per group.
+
+    Without ``components`` the factors are fitted by HOOI. With ``components`` (one index tuple per mode:
+    output, input) the kernel is projected on exactly those singular vectors of its unfoldings, with no HOOI
+    refinement: the weights the loss-aware selectors measured.
+    """
+
+    supports_components = True
 
     def unsupported_reason(self, info: LayerInfo) -> str | None:
         if not info.is_conv:
@@ -267,23 +310,41 @@ class Tucker2(Decomposition, name="tucker2"):
                            loader: Callable[[str], torch.Tensor] | None = None) -> TuckerBasis:
         return TuckerBasis.from_tensors(tensors, loader)
 
-    def relative_error(self, basis: TuckerBasis, rank: Rank, components: Sequence[int] | None = None) -> float:
-        _no_components(self.name, components)
-        return basis.factorize(tuple(rank)).relative_error
+    def relative_error(self, basis: TuckerBasis, rank: Rank, components: Components | None = None) -> float:
+        return self._factors(basis, rank, components).relative_error
 
     def spectra(self, basis: TuckerBasis) -> list[Spectrum]:
         return [basis.out_spectrum, basis.in_spectrum]
 
+    def leading_components(self, rank: Rank) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return tuple(range(rank[0])), tuple(range(rank[1]))
+
+    def check_components(self, info: LayerInfo, rank: Rank, components: Any) -> Components:
+        limits = self.max_rank(info)
+        modes = components if isinstance(components, (list, tuple)) and len(components) == 2 else (None, None)
+        checked = tuple(_index_list(mode, r, limit) for mode, r, limit in zip(modes, rank, limits, strict=True))
+        if None in checked:
+            raise ValueError(f"plan components must be two lists (output, input) of {rank[0]} and {rank[1]} distinct "
+                             f"indices in [0, {limits[0]}) and [0, {limits[1]}), got {components}")
+        return checked
+
+    def reconstruct(self, basis: TuckerBasis, components: Components) -> torch.Tensor:
+        kernel = basis.truncate(*components).kernel()
+        return kernel.reshape(kernel.shape[0], kernel.shape[1], -1)
+
+    @staticmethod
+    def _factors(basis: TuckerBasis, rank: Rank, components: Components | None) -> Tucker2Factors:
+        return basis.factorize(tuple(rank)) if components is None else basis.truncate(*components)
+
     def build(self, info: LayerInfo, rank: Rank, basis: TuckerBasis | None = None,
-              bias: torch.Tensor | None = None, components: Sequence[int] | None = None) -> Factorized:
-        _no_components(self.name, components)
+              bias: torch.Tensor | None = None, components: Components | None = None) -> Factorized:
         r_out, r_in = rank
         g = info.groups
         first = _conv(info, info.in_channels, g * r_in, None, bias=False)
         core = _conv(info, g * r_in, g * r_out, info.kernel_size, bias=False)
         last = _conv(info, g * r_out, info.out_channels, None, bias=info.has_bias)
         if basis is not None:
-            factors = basis.factorize((r_out, r_in))
+            factors = self._factors(basis, rank, components)
             _fill(first, factors.U_in.transpose(1, 2))  # (g, R_in, S/g)
             _fill(core, factors.core)  # (g, R_out, R_in, *k)
             _fill(last, factors.U_out, bias)  # (g, T/g, R_out)

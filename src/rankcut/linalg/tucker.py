@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,13 @@ class Tucker2Factors:
     core: torch.Tensor  # (g, R_out, R_in, *k)
     U_in: torch.Tensor  # (g, S, R_in)
     relative_error: float
+
+    def kernel(self) -> torch.Tensor:
+        """The approximated kernels ``core ×₀ U_out ×₁ U_in``: (g, T, S, *k)."""
+        g, r_out, r_in = self.core.shape[:3]
+        flat = torch.einsum("gtr,grsk->gtsk", self.U_out, self.core.reshape(g, r_out, r_in, -1))
+        flat = torch.einsum("gtrk,gsr->gtsk", flat, self.U_in)
+        return flat.reshape(g, flat.shape[1], flat.shape[2], *self.core.shape[3:])
 
 
 def _project(kernel: torch.Tensor, U_out: torch.Tensor | None, U_in: torch.Tensor | None) -> torch.Tensor:
@@ -79,6 +86,38 @@ class TuckerBasis:
         """Largest useful (R_out, R_in): the ranks of the two unfoldings' bases."""
         return self.out_spectrum.max_rank, self.in_spectrum.max_rank
 
+    def rotated(self) -> torch.Tensor:
+        """The kernel in the unfoldings' full bases, ``K ×₀ U_outᵀ ×₁ U_inᵀ``: (g, R_out, R_in, *k).
+
+        Block (j, l) is what the j-th output and l-th input components carry together; keeping the leading
+        blocks is the HOSVD truncation, and ``captured_energy`` sums their squares.
+        """
+        return _project(self.kernel, self.out_spectrum.U, self.in_spectrum.U)
+
+    def captured_energy(self, ranks: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """‖K_r‖²/‖K‖² of the HOSVD truncation at each (R_out, R_in) in ``ranks``."""
+        blocks = self.rotated().pow(2).flatten(3).sum((0, 3))  # (R_out, R_in)
+        prefix = blocks.cumsum(0).cumsum(1)
+        total = self.kernel.pow(2).sum().clamp(min=1e-300)
+        return torch.stack([prefix[r_out - 1, r_in - 1] for r_out, r_in in ranks]) / total
+
+    def truncate(self, out_components: Sequence[int], in_components: Sequence[int]) -> Tucker2Factors:
+        """Projection on chosen singular vectors of each unfolding (leading ones: the HOSVD truncation), no HOOI.
+
+        These are the weights whose loss change the loss-aware selectors predict and measure.
+        """
+        out_index = self.out_spectrum.component_index(len(out_components), out_components)
+        in_index = self.in_spectrum.component_index(len(in_components), in_components)
+        U_out, U_in = self.out_spectrum.U[:, :, out_index], self.in_spectrum.U[:, :, in_index]
+        return self._factors(U_out, U_in)
+
+    def _factors(self, U_out: torch.Tensor, U_in: torch.Tensor) -> Tucker2Factors:
+        core = _project(self.kernel, U_out, U_in)
+        norm_sq = self.kernel.pow(2).sum()
+        residual = torch.clamp(norm_sq - core.pow(2).sum(), min=0.0)
+        error = float((residual / norm_sq).sqrt()) if norm_sq > 0 else 0.0
+        return Tucker2Factors(U_out, core, U_in, error)
+
     def factorize(self, ranks: tuple[int, int], iterations: int = 10, tol: float = 1e-10) -> Tucker2Factors:
         """Rank-(R_out, R_in) Tucker-2 by higher-order orthogonal iteration, started from the HOSVD."""
         r_out, r_in = ranks
@@ -101,7 +140,4 @@ class TuckerBasis:
             if abs(captured - previous) <= tol * float(norm_sq):
                 break
             previous = captured
-        core = _project(self.kernel, U_out, U_in)
-        residual = torch.clamp(norm_sq - core.pow(2).sum(), min=0.0)
-        error = float((residual / norm_sq).sqrt()) if norm_sq > 0 else 0.0
-        return Tucker2Factors(U_out, core, U_in, error)
+        return self._factors(U_out, U_in)
