@@ -347,3 +347,37 @@ def test_compact_search_finds_the_last_passing_step(answer, guess):
     assert len(calls) == len(set(calls)) and all(0 < p < 1001 for p in calls)
     if answer == 0:
         assert len(calls) <= 2
+
+
+class TwiceModel(nn.Module):
+    """One conv applied twice per forward pass: its statistics must add both calls per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.conv(torch.tanh(self.conv(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "tucker2"])
+def test_statistics_of_a_layer_called_twice_per_forward(decomposition):
+    torch.manual_seed(0)
+    model = TwiceModel().double().eval()
+    x, y = torch.randn(8, 6, 5, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+
+    def loss(m: nn.Module, batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    candidate = scan(model, decomposition={"conv": decomposition}).factorizable()[0]
+    path = LossAware._path(candidate, rankcut.RankPolicy()) if decomposition == "tucker2" else None
+    stats = gather_statistics(model, [candidate], batches, loss, paths={"conv": path} if path else None)["conv"]
+    n = stats.a.shape[1]
+    assert stats.a.shape[0] == 8  # one row per sample, not per call
+    kept = candidate.decomposition.leading_components(path[1]) if path else tuple(range(n - 1))
+    direction = (low_rank_weight(candidate, kept) - candidate.module.weight).detach()
+    derivative = _directional_derivative(model, batches, loss, candidate.module.weight, direction)
+    assert -stats.a[:, n - 1:].sum(1).mean().item() == pytest.approx(derivative, rel=1e-5, abs=1e-9)

@@ -54,8 +54,12 @@ class LossProbe:
         self.measurements = 0
         self.baseline = self.measure()
 
-    def measure(self) -> float:
-        """The current model's mean loss on the probe batches (forward passes only; split across processes)."""
+    def measure(self, strict: bool = True) -> float:
+        """The current model's mean loss on the probe batches (forward passes only; split across processes).
+
+        A non-finite loss raises, naming the cause; with ``strict=False`` it is returned (a search then
+        counts it as a failed step), except for the original model's.
+        """
         self.model.eval()
         with torch.no_grad():
             local = [float(self.loss(self.model, batch)) for batch in self.group.share(self.batches)]
@@ -66,10 +70,12 @@ class LossProbe:
             if self.measurements == 1:
                 raise ValueError(f"the original model's loss on the probe batches is {value}: check the model and "
                                  "the calibration data (an empty batch gives nan)")
-            raise ValueError(f"probe loss is {value}: a truncated layer broke the model's numerics")
+            if strict:
+                raise ValueError(f"probe loss is {value}: a truncated layer broke the model's numerics")
         return value
 
-    def change(self, candidates: Mapping[str, Candidate], kept: Mapping[str, Components]) -> float:
-        """Measured loss change when the named layers keep only the given components."""
+    def change(self, candidates: Mapping[str, Candidate], kept: Mapping[str, Components],
+               strict: bool = True) -> float:
+        """Measured loss change when the named layers keep only the given components (see ``measure``)."""
         with substituted(candidates, kept):
-            return self.measure() - self.baseline
+            return self.measure(strict) - self.baseline

@@ -46,7 +46,8 @@ class LossAware(Selector):
     ``mode="compact"`` finds the smallest model whose validation loss and metric are no worse than the
     original's (``tolerance`` loosens the loss check, as a fraction of the original loss);
     ``criterion="metric"`` asks only that the validation metric be no worse (e.g. accuracy not below).
-    ``order="taylor"`` lets a layer drop any component, not only the smallest ones; ``"spectrum"`` truncates.
+    ``order="taylor"`` lets a layer drop any component, not only the smallest ones; ``"spectrum"`` truncates
+    (svd layers; a tucker2 layer always follows its path of rank pairs, leading components kept).
     ``probe_samples`` (default: 512 for lossless, 128 for compact, at most ``calibration_samples``): the
     calibration samples each probe measures the loss on. compact checks every candidate size on validation,
     so its probes only shape the path and fewer suffice.
@@ -290,8 +291,8 @@ class LossAware(Selector):
         start, steps = greedy_path(options)
 
         def calibration_passes(position: int) -> bool:
-            kept = self._kept(self._path_plan(options, position))
-            return probe.change(candidates, kept) <= self.tolerance * abs(probe.baseline)
+            change = probe.change(candidates, self._kept(self._path_plan(options, position)), strict=False)
+            return change <= self.tolerance * abs(probe.baseline)  # False for nan and inf
 
         def validation_passes(position: int) -> bool:
             metrics = self._validate(candidates, self._path_plan(options, position),

@@ -54,10 +54,41 @@ class ComponentStats:
         return float(-direction.mean() + 0.5 * (direction**2).mean())
 
 
-class _Projector:
+class _PerSampleRows:
+    """One layer's per-sample rows of ``a``. The calls within one batch are summed (a layer may run several
+    times per forward pass: its samples' derivatives add up), then kept as that batch's rows."""
+
+    path: tuple[Rank, ...] | None = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.chunks: list[torch.Tensor] = []
+        self._current: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        if self._current is None:
+            self._current = rows
+        elif self._current.shape != rows.shape:
+            raise ValueError(f"layer {self.name!r} ran on inputs with different batch sizes in one forward pass; the "
+                             "loss statistics need the samples on the first dimension of every call")
+        else:
+            self._current = self._current + rows
+
+    def end_batch(self) -> None:
+        if self._current is not None:
+            self.chunks.append(self._current)
+            self._current = None
+
+    def result(self) -> ComponentStats | None:
+        """The layer's statistics, or None when the loss never depended on it."""
+        return ComponentStats(self.name, torch.cat(self.chunks), self.path) if self.chunks else None
+
+
+class _Projector(_PerSampleRows):
     """Projects one svd layer's inputs and output gradients on its singular vectors and accumulates ``a``."""
 
     def __init__(self, candidate: Candidate, spectrum: Spectrum) -> None:
+        super().__init__(candidate.name)
         info = candidate.info
         self.info, self.module = info, candidate.module
         self.groups, self.rank = spectrum.U.shape[0], spectrum.max_rank
@@ -67,7 +98,6 @@ class _Projector:
         right = spectrum.Vh.to(device=info.device, dtype=dtype)
         self.right = right.reshape(self.groups * self.rank, info.in_per_group, *info.kernel_size)
         self.sigma = spectrum.S.to(device=info.device, dtype=torch.float64)  # (g, n)
-        self.chunks: list[torch.Tensor] = []
 
     def project_input(self, x: torch.Tensor) -> torch.Tensor:
         """``Vᵀ x`` at every output position: (B, g, n, positions)."""
@@ -92,11 +122,7 @@ class _Projector:
         """Add one call's per-sample derivatives; the loss is a batch mean, so each sample's share is ×B."""
         g_projected = self.project_gradient(grad)
         per_sample = (x_projected * g_projected).sum(-1).to(torch.float64)  # (B, g, n)
-        self.chunks.append((per_sample * self.sigma).sum(1) * x_projected.shape[0])
-
-    def result(self, name: str) -> ComponentStats | None:
-        """The layer's statistics, or None when the loss never depended on it."""
-        return ComponentStats(name, torch.cat(self.chunks)) if self.chunks else None
+        self.add((per_sample * self.sigma).sum(1) * x_projected.shape[0])
 
 
 def _conv_as(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -109,7 +135,7 @@ def _conv_as(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, groups: i
     return conv(x, weight, None, module.stride, padding, module.dilation, groups)
 
 
-class _TuckerProjector:
+class _TuckerProjector(_PerSampleRows):
     """Accumulates a tucker2 layer's per-sample loss derivative along every step of its rank path.
 
     With ``x̃ = U_inᵀ x`` (a 1×1 conv) and ``g̃ = U_outᵀ g``, block (j, l) of ``⟨∂ℓ_s/∂K, K⟩`` in the unfoldings'
@@ -119,6 +145,7 @@ class _TuckerProjector:
     chunk_elements = 1 << 24  # floats per chunk of the depthwise conv's output
 
     def __init__(self, candidate: Candidate, basis: TuckerBasis, path: Sequence[Rank]) -> None:
+        super().__init__(candidate.name)
         info = candidate.info
         self.info, self.module = info, candidate.module
         options = {"device": info.device, "dtype": info.dtype}
@@ -131,7 +158,6 @@ class _TuckerProjector:
         self.path = tuple(path)
         self.path_out = torch.tensor([r_out - 1 for r_out, _ in self.path])
         self.path_in = torch.tensor([r_in - 1 for _, r_in in self.path])
-        self.chunks: list[torch.Tensor] = []
 
     def project_input(self, x: torch.Tensor) -> torch.Tensor:
         """``U_inᵀ x`` at every input position (the padding commutes with this per-pixel projection)."""
@@ -154,10 +180,7 @@ class _TuckerProjector:
         total = prefix[:, -1, -1:]
         removed = total - prefix[:, self.path_out, self.path_in]  # (B, n): ⟨g, K − K_path[k]⟩
         steps = torch.diff(torch.cat([removed, total], 1), dim=1)  # step k: path[k] → path[k+1] (then to 0)
-        self.chunks.append(steps.flip(1).cpu())
-
-    def result(self, name: str) -> ComponentStats | None:
-        return ComponentStats(name, torch.cat(self.chunks), self.path) if self.chunks else None
+        self.add(steps.flip(1).cpu())
 
 
 def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches: Iterable[Any], loss: LossFn,
@@ -199,6 +222,8 @@ def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches
                 for (projector, x_projected, _), grad in zip(pending, grads, strict=True):
                     if grad is not None:
                         projector.accumulate(x_projected, grad)
+                for projector in projectors.values():
+                    projector.end_batch()
     finally:
         pending.clear()
         for handle in handles:
@@ -206,7 +231,7 @@ def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches
         for weight in frozen:
             weight.requires_grad_(False)
         model.train(was_training)
-    results = {name: projector.result(name) for name, projector in projectors.items()}
+    results = {name: projector.result() for name, projector in projectors.items()}
     return {name: stats for name, stats in results.items() if stats is not None}
 
 

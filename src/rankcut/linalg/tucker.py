@@ -98,8 +98,9 @@ class TuckerBasis:
         """‖K_r‖²/‖K‖² of the HOSVD truncation at each (R_out, R_in) in ``ranks``."""
         blocks = self.rotated().pow(2).flatten(3).sum((0, 3))  # (R_out, R_in)
         prefix = blocks.cumsum(0).cumsum(1)
-        total = self.kernel.pow(2).sum().clamp(min=1e-300)
-        return torch.stack([prefix[r_out - 1, r_in - 1] for r_out, r_in in ranks]) / total
+        total = self.kernel.pow(2).sum()
+        captured = torch.stack([prefix[r_out - 1, r_in - 1] for r_out, r_in in ranks])
+        return captured / total if total > 0 else torch.ones_like(captured)  # a zero kernel loses nothing
 
     def truncate(self, out_components: Sequence[int], in_components: Sequence[int]) -> Tucker2Factors:
         """Projection on chosen singular vectors of each unfolding (leading ones: the HOSVD truncation), no HOOI.
