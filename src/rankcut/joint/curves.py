@@ -67,6 +67,7 @@ class LayerCurve:
     predicted: torch.Tensor  # (n,): predicted change with the first k of ``order`` removed
     dropped_energy: torch.Tensor  # (n,): ‖δ‖²/‖W‖² with k removed
     ranks: list[Rank]
+    along_path: bool  # a tucker2 rank path (leading components at each pair), not an order of components
     probes: dict[int, float] = field(default_factory=lambda: {0: 0.0})
 
     @classmethod
@@ -87,7 +88,7 @@ class LayerCurve:
         direction = torch.cumsum(stats.a[:, torch.tensor(sequence)], dim=1)  # (S, n): Σ a over the first k+1
         change = -direction.mean(0) + 0.5 * (direction**2).mean(0)
         predicted = torch.cat([torch.zeros(1, dtype=change.dtype), change[:-1]])
-        return cls(candidate, sequence, predicted, dropped, ranks)
+        return cls(candidate, sequence, predicted, dropped, ranks, stats.path is not None)
 
     @property
     def size(self) -> int:
@@ -100,9 +101,9 @@ class LayerCurve:
 
     def kept(self, removed: int) -> Components:
         """The layer's kept components when the first ``removed`` of the order are dropped."""
-        if self.candidate.decomposition.name == "svd":
-            return tuple(sorted(self.order[removed:]))
-        return self.candidate.decomposition.leading_components(self.ranks[removed])
+        if self.along_path:
+            return self.candidate.decomposition.leading_components(self.ranks[removed])
+        return tuple(sorted(self.order[removed:]))
 
     def residual(self, removed: int) -> float:
         """Measured minus predicted change, interpolated between probes in dropped energy."""

@@ -30,6 +30,7 @@ from rankcut.joint.curves import ORDERS, LayerCurve
 from rankcut.joint.probing import LossProbe, substituted
 from rankcut.joint.statistics import ComponentStats, gather_statistics
 from rankcut.layers import Rank
+from rankcut.linalg import Spectrum
 from rankcut.selectors.allocation import Option, greedy_path, walk_to_budget
 from rankcut.selectors.base import Choice, RankPolicy, Selector
 from rankcut.selectors.budget import METRICS, Budget, layer_cost
@@ -108,7 +109,7 @@ class LossAware(Selector):
         batches = list(self.task.calibration_batches(self.calibration_samples, self.batch_size))
         probe_batches = batches[: max(1, -(-self.probe_samples // self.batch_size))]
         probe = LossProbe(self.model, probe_batches, self.task.loss, group)
-        paths = {c.name: self._path(c, policy) for c in candidates if c.decomposition.name != "svd"}
+        paths = {c.name: self._path(c, policy) for c in candidates if not isinstance(c.basis(), Spectrum)}
         disk = candidates[0].store.disk if candidates else None
         key = (memo.statistics_key(self.model, [c.name for c in candidates], batches,
                                    f"{self.probe_samples}/{self.order}/{sorted(paths.items())}")
@@ -234,13 +235,13 @@ class LossAware(Selector):
                 raise ValueError(f"{self.spec} cannot be met: even the smallest ranks that pay off keep "
                                  f"{cheapest / total:.1%} of the factorizable {self.metric}")
             return walk_to_budget(options, self._active_fraction * total)
-        return self._path_plan(options, None)
+        start, steps = greedy_path(options)
+        return self._prefix(start, steps, self._feasible_position(start, steps))
 
-    def _path_plan(self, options: Mapping[str, list[Option]], position: int | None) -> dict[str, Option]:
-        """The plan after ``position`` greedy moves (None: as far as the predicted total change stays ≤ 0)."""
-        current, steps = greedy_path(options)
-        if position is None:
-            position = self._feasible_position(current, steps)
+    @staticmethod
+    def _prefix(start: Mapping[str, Option], steps: Sequence[tuple[str, Option]], position: int) -> dict[str, Option]:
+        """The plan after the first ``position`` moves of a greedy path."""
+        current = dict(start)
         for name, lower in steps[:position]:
             current[name] = lower
         return current
@@ -291,11 +292,11 @@ class LossAware(Selector):
         start, steps = greedy_path(options)
 
         def calibration_passes(position: int) -> bool:
-            change = probe.change(candidates, self._kept(self._path_plan(options, position)), strict=False)
+            change = probe.change(candidates, self._kept(self._prefix(start, steps, position)), strict=False)
             return change <= self.tolerance * abs(probe.baseline)  # False for nan and inf
 
         def validation_passes(position: int) -> bool:
-            metrics = self._validate(candidates, self._path_plan(options, position),
+            metrics = self._validate(candidates, self._prefix(start, steps, position),
                                      f"path step {position}/{len(steps)}", checks)
             return self._passes(metrics, baseline)
 
@@ -306,7 +307,7 @@ class LossAware(Selector):
             low, _ = self._last_passing(validation_passes, found, 0, refused, self.max_evaluations)
         else:  # a higher loss may still keep the metric: search the whole path, from the best guess
             low, _ = self._last_passing(validation_passes, found or first, 0, len(steps) + 1, self.max_evaluations)
-        return self._path_plan(options, low), LOSS_AWARE
+        return self._prefix(start, steps, low), LOSS_AWARE
 
     @staticmethod
     def _last_passing(passes: Callable[[int], bool], guess: int, low: int, high: int,

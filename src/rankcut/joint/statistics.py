@@ -27,6 +27,7 @@ from rankcut.layers import Rank
 from rankcut.linalg import Spectrum, TuckerBasis
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)  # by spatial dimensions
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class _Projector(_PerSampleRows):
             projected = x @ self.right.reshape(self.rank, -1).T  # (B, ..., n)
             return projected.reshape(x.shape[0], -1, 1, self.rank).permute(0, 2, 3, 1)
         # the layer's own conv (stride, padding incl. "same", dilation, padding_mode, groups) with our filters
-        projected = self.module._conv_forward(x, self.right, None)
+        projected = _conv_as(self.module, x, self.right, self.groups)
         return projected.reshape(x.shape[0], self.groups, self.rank, -1)
 
     def project_gradient(self, grad: torch.Tensor) -> torch.Tensor:
@@ -127,7 +128,7 @@ class _Projector(_PerSampleRows):
 
 def _conv_as(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
     """``module``'s convolution (stride, padding incl. its mode, dilation) with another weight and group count."""
-    conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+    conv = _CONVS[weight.dim() - 3]
     padding = module.padding
     if module.padding_mode != "zeros":
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
@@ -161,8 +162,7 @@ class _TuckerProjector(_PerSampleRows):
 
     def project_input(self, x: torch.Tensor) -> torch.Tensor:
         """``U_inᵀ x`` at every input position (the padding commutes with this per-pixel projection)."""
-        conv = (F.conv1d, F.conv2d, F.conv3d)[self.info.spatial_dims - 1]
-        return conv(x, self.to_inner, groups=self.groups)
+        return _CONVS[self.info.spatial_dims - 1](x, self.to_inner, groups=self.groups)
 
     def accumulate(self, x_inner: torch.Tensor, grad: torch.Tensor) -> None:
         """Add one call's per-sample derivatives along the path (×B: the loss is a batch mean)."""
