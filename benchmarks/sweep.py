@@ -26,6 +26,7 @@ from rankcut.counting import count_macs, count_params
 from rankcut.inventory import Inventory, scan
 from rankcut.joint import LossAware
 from rankcut.latency import compare_latency
+from rankcut.recalibration import BatchNormRecalibration
 from rankcut.selectors import EVBMF, Energy, Selector
 from rankcut.sources import ZOO
 
@@ -89,6 +90,12 @@ def run(model_name: str, budgets: list[float], methods: list[str], repeats: int,
                                    f"budget:params={f}, latency guard at the example input's shape"),
         "asvd": lambda f: (asvd(original, task, f), f"fixed:{f} on W·diag(mean|x|^0.5)"),
         "tltorch-tucker": lambda f: tltorch_tucker(original, f, names),
+        "budget-bn": lambda f: (_recalibrated(original, task, rankcut.compress(original, f"budget:params={f}",
+                                                                               progress=False)[0]),
+                                f"budget:params={f}, batch norms recalibrated as lossless does (ablation)"),
+        "budget-tucker2-bn": lambda f: (_recalibrated(original, task, rankcut.compress(
+            original, f"budget:params={f}", decomposition="auto", progress=False)[0]),
+            f"budget:params={f}, decomposition auto, batch norms recalibrated as lossless does (ablation)"),
         "lossless": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
                                                                     progress=False)),
         "budget-tucker2": lambda f: (rankcut.compress(original, f"budget:params={f}", decomposition="auto",
@@ -134,6 +141,14 @@ def _loss_aware(model: nn.Module, task, selector: LossAware, decomposition: str 
                         f"{len(selection['validation_checks'])} validation checks, plan: {selection['plan_source']}")
 
 
+def _recalibrated(original: nn.Module, task, compressed: nn.Module) -> nn.Module:
+    """``compressed`` with the paired batch-norm shift ``LossAware`` applies, on the same calibration samples."""
+    defaults = LossAware("compact")
+    batches = task.calibration_batches(defaults.calibration_samples, defaults.batch_size)
+    BatchNormRecalibration(original, list(batches), task.loss).apply(compressed)
+    return compressed
+
+
 def _selector(model, inventory, make, fraction, label) -> tuple[nn.Module, str]:
     selector, knob = matched(make, model, inventory, fraction, "svd")
     compressed, _ = rankcut.compress(model, selector, progress=False)
@@ -141,8 +156,10 @@ def _selector(model, inventory, make, fraction, label) -> tuple[nn.Module, str]:
 
 
 METHODS = ["uniform-svd", "asvd", "tltorch-tucker", "energy", "evbmf", "budget", "budget-r8", "budget-guard",
-           "budget-tucker2", "lossless", "lossless-tucker2", "compact", "compact-metric"]
-CONV_ONLY = ("tltorch-tucker", "budget-tucker2", "lossless-tucker2")  # same as their svd rows on a transformer
+           "budget-bn", "budget-tucker2", "budget-tucker2-bn", "lossless", "lossless-tucker2", "compact",
+           "compact-metric"]
+# the same as their svd / no-batch-norm rows on a transformer
+CONV_ONLY = ("tltorch-tucker", "budget-bn", "budget-tucker2", "budget-tucker2-bn", "lossless-tucker2")
 SIZELESS = ("compact", "compact-metric")
 
 

@@ -3,6 +3,8 @@ measurement, a planted rank that compact must find, budgets lossless must respec
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from rankcut.inventory import scan
 from rankcut.joint import LayerCurve, LossAware, LossProbe, gather_statistics, removal_order, substituted
 from rankcut.joint.probing import low_rank_weight
 from rankcut.plan import Plan
+from rankcut.recalibration import BatchNormRecalibration
 
 from toy_models import Conv1D, ToyCNN, ToyTask
 
@@ -171,14 +174,15 @@ def test_tucker2_prediction_matches_measurement_for_small_perturbations():
         assert float(curve.predicted[k]) == pytest.approx(measured, rel=0.2, abs=1e-7), path[k]
 
 
-@pytest.mark.parametrize("select", ["lossless:params=0.5", "compact"])
-def test_tucker2_plans_build_what_was_measured(select, tmp_path):
+@pytest.mark.parametrize(("select", "recalibrate"), [("lossless:params=0.5", True), ("compact", False)])
+def test_tucker2_plans_build_what_was_measured(select, recalibrate, tmp_path):
     """Loss-aware tucker2 plans record their channel components; the built model computes exactly what the
-    selector measured (the projection, not a HOOI refit), and it saves and loads."""
+    selector measured (the projection, not a HOOI refit, with batch norms recalibrated), and it saves and loads."""
     task = ToyTask()
     model = task.build_model()
     selector = rankcut.parse_selector(select)
     selector.calibration_samples, selector.batch_size, selector.probe_samples = 64, 16, 64
+    selector.recalibrate = recalibrate  # with it, compact finds nothing to remove on this toy
     compressed, report = rankcut.compress(model, selector, task=task, decomposition="tucker2",
                                           ignore=["head.1", "head.3"], progress=False)
     factorized = report.plan.factorized()
@@ -191,9 +195,11 @@ def test_tucker2_plans_build_what_was_measured(select, tmp_path):
         assert (len(out_modes), len(in_modes)) == layer.rank
         kept[layer.name] = (tuple(out_modes), tuple(in_modes))
     reference = task.build_model()
+    recalibration = BatchNormRecalibration(reference, list(task.calibration_batches(64, 16)), task.loss)
     candidates = {c.name: c for c in scan(reference, decomposition="tucker2").factorizable()}
     x = task.images
-    with torch.no_grad(), substituted(candidates, kept):
+    with torch.no_grad(), substituted(candidates, kept), recalibration.applied(reference) if recalibrate \
+            else nullcontext():
         expected = reference(x)
     assert torch.allclose(compressed(x), expected, atol=1e-5)
     rankcut.save(compressed, tmp_path / "out")

@@ -229,12 +229,16 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     model.eval()
     store = BasisStore(cache_dir, low_memory=low_memory, randomized_above=randomized_above)
     inventory = scan(model, example_inputs, decomposition, ignore, store)
-    plan = make_plan(model, select, example_inputs=example_inputs, decomposition=decomposition, round_to=round_to,
+    selector = parse_selector(select)
+    plan = make_plan(model, selector, example_inputs=example_inputs, decomposition=decomposition, round_to=round_to,
                      inventory=inventory, task=task, latency_guard=latency_guard, progress=progress)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs) if example_inputs is not None else None
     metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}
     compressed = apply(model, plan, inplace=inplace, progress=progress, inventory=inventory)
+    finished = selector.finish(compressed)
+    if finished is not None:
+        plan.meta["after_factorization"] = finished
     plan.meta["bases"] = store.describe()
     report = Report(
         plan=plan, params_before=params_before, params_after=count_params(compressed),

@@ -48,6 +48,7 @@ class Report:
             "selector": self.plan.selector,
             "selection": self.plan.meta.get("selection"),
             "bases": self.plan.meta.get("bases"),
+            "after_factorization": self.plan.meta.get("after_factorization"),
             "processes": self.plan.meta.get("processes", 1),
             "layers": [layer.to_dict() for layer in self.plan.layers],
             "unsupported_modules": [{"name": n, "type": t, "params": p} for n, t, p in self.other_modules],
@@ -71,6 +72,10 @@ class Report:
         selection = self.plan.meta.get("selection")
         if selection:
             text += "\n" + describe_selection(selection)
+        finished = self.plan.meta.get("after_factorization")
+        if finished and "batch_norms" in finished:
+            text += (f"\nbatch-norm statistics of {finished['batch_norms']} layers recalibrated on "
+                     f"{finished['calibration_samples']} calibration samples (no weights trained)")
         if self.other_modules:
             text += "\n" + describe_other_modules(self.other_modules)
         return text

@@ -7,8 +7,8 @@ projection on the kept channel components for tucker2) computes exactly what its
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -46,10 +46,15 @@ def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Componen
 
 
 class LossProbe:
-    """Mean loss over a fixed list of calibration batches, and its change when layers are truncated."""
+    """Mean loss over a fixed list of calibration batches, and its change when layers are truncated.
 
-    def __init__(self, model: nn.Module, batches: Sequence[Any], loss: LossFn, group: Group | None = None) -> None:
-        self.model, self.batches, self.loss = model, list(batches), loss
+    ``adjusted`` (optional) gives a context in which a truncated model is measured, e.g. with its batch-norm
+    statistics recalibrated, so that probes measure what will be built.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[Any], loss: LossFn, group: Group | None = None,
+                 adjusted: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+        self.model, self.batches, self.loss, self.adjusted = model, list(batches), loss, adjusted
         self.group = group or Group.current()
         self.measurements = 0
         self.baseline = self.measure()
@@ -77,5 +82,5 @@ class LossProbe:
     def change(self, candidates: Mapping[str, Candidate], kept: Mapping[str, Components],
                strict: bool = True) -> float:
         """Measured loss change when the named layers keep only the given components (see ``measure``)."""
-        with substituted(candidates, kept):
+        with substituted(candidates, kept), self.adjusted():
             return self.measure(strict) - self.baseline

@@ -10,13 +10,16 @@ Steps, all without fine-tuning and without touching the test split:
 4. the result is checked with the task's real evaluation on the validation split: ``compact`` searches the
    path, first on the probe batches' loss, then on validation, for the longest prefix whose loss and metric
    are no worse than the original's; ``lossless`` keeps the better of its plan and the energy-based budget
-   plan at the same size.
+   plan at the same size;
+5. with ``recalibrate``, whole plans are measured, and the model is built, with batch-norm statistics
+   corrected on the calibration samples (``rankcut.recalibration``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -31,6 +34,7 @@ from rankcut.joint.probing import LossProbe, substituted
 from rankcut.joint.statistics import ComponentStats, gather_statistics
 from rankcut.layers import Rank
 from rankcut.linalg import Spectrum
+from rankcut.recalibration import BatchNormRecalibration, batch_norms
 from rankcut.selectors.allocation import Option, greedy_path, walk_to_budget
 from rankcut.selectors.base import Choice, RankPolicy, Selector
 from rankcut.selectors.budget import METRICS, Budget, layer_cost
@@ -52,6 +56,10 @@ class LossAware(Selector):
     ``probe_samples`` (default: 512 for lossless, 128 for compact, at most ``calibration_samples``): the
     calibration samples each probe measures the loss on. compact checks every candidate size on validation,
     so its probes only shape the path and fewer suffice.
+    ``recalibrate`` (default on): the plans checked on validation, the plans of compact's calibration search
+    and the built model (``finish``) get their batch-norm statistics corrected on the calibration samples
+    (``rankcut.recalibration``: forward passes only, no weight changes). Per-layer probes measure truncation
+    alone.
     """
 
     needs_data = True
@@ -59,7 +67,7 @@ class LossAware(Selector):
     def __init__(self, mode: str = "compact", fraction: float | None = None, metric: str = "params", *,
                  calibration_samples: int = 512, batch_size: int = 64, probe_samples: int | None = None,
                  order: str = "spectrum", tolerance: float = 0.0, max_rounds: int = 3, max_evaluations: int = 10,
-                 criterion: str = "loss", progress: bool = True) -> None:
+                 criterion: str = "loss", recalibrate: bool = True, progress: bool = True) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "lossless" and (fraction is None or not 0 < fraction <= 1):
@@ -78,7 +86,7 @@ class LossAware(Selector):
         self.calibration_samples, self.batch_size = calibration_samples, batch_size
         self.probe_samples = min(probe_samples, calibration_samples)
         self.tolerance, self.max_rounds, self.max_evaluations = tolerance, max_rounds, max_evaluations
-        self.progress, self.criterion = progress, criterion
+        self.progress, self.criterion, self.recalibrate = progress, criterion, recalibrate
         self.spec = (f"lossless:{metric}={fraction:g}" if mode == "lossless"
                      else "compact" if criterion == "loss" else f"compact:{criterion}")
         self.model: nn.Module | None = None
@@ -86,6 +94,8 @@ class LossAware(Selector):
         self.summary: dict[str, Any] = {}
         self._active_fraction: float | None = fraction
         self._validation_seconds = 0.0
+        self._recalibration: BatchNormRecalibration | None = None
+        self._search_probe: LossProbe | None = None
 
     # -- the steps --------------------------------------------------------------------------------------
 
@@ -109,10 +119,17 @@ class LossAware(Selector):
         batches = list(self.task.calibration_batches(self.calibration_samples, self.batch_size))
         probe_batches = batches[: max(1, -(-self.probe_samples // self.batch_size))]
         probe = LossProbe(self.model, probe_batches, self.task.loss, group)
+        self._recalibration = self._search_probe = None
+        if self.recalibrate and batch_norms(self.model):
+            self._recalibration = BatchNormRecalibration(self.model, batches, self.task.loss)
+            if self.mode == "compact":  # its search measures whole plans as they will be built
+                on_probes = BatchNormRecalibration(self.model, probe_batches, self.task.loss)
+                self._search_probe = LossProbe(self.model, probe_batches, self.task.loss, group,
+                                               lambda: on_probes.applied(self.model))
         paths = {c.name: self._path(c, policy) for c in candidates if not isinstance(c.basis(), Spectrum)}
         disk = candidates[0].store.disk if candidates else None
         key = (memo.statistics_key(self.model, [c.name for c in candidates], batches,
-                                   f"{self.probe_samples}/{self.order}/{sorted(paths.items())}")
+                                   f"{self.probe_samples}/{self.order}/{self.recalibrate}/{sorted(paths.items())}")
                if disk is not None else "")
         cached = memo.load(disk, key, probe.baseline, paths) if disk is not None else None
         if not group.all_agree(cached is not None):
@@ -144,8 +161,10 @@ class LossAware(Selector):
             memo.save(disk, key, stats, {name: curve.probes for name, curve in curves.items()}, probe.baseline)
         self.summary = {
             "mode": self.mode, "criterion": self.criterion, "order": self.order, "plan_source": source,
+            "batch_norm_recalibration": self._recalibration is not None,
             "calibration_samples": next(iter(stats.values())).a.shape[0], "probe_samples": self.probe_samples,
-            "probe_measurements": probe.measurements, "calibration_loss": probe.baseline,
+            "probe_measurements": probe.measurements + (self._search_probe.measurements if self._search_probe else 0),
+            "calibration_loss": probe.baseline,
             "statistics_cache": "off" if disk is None else "hit" if cached is not None else "miss",
             "predicted_loss_change": sum(option.error for option in chosen.values()),
             "measured_loss_change": probe.change(by_name, kept),
@@ -159,6 +178,14 @@ class LossAware(Selector):
             choices[name] = Choice(None, f"{self.spec}: kept dense, the task's loss does not depend on this layer "
                                          "(e.g. a pooler the task does not use)")
         return choices
+
+    def finish(self, model: nn.Module) -> dict[str, Any] | None:
+        """Recalibrate the built model's batch norms as every measured model was; say what was done."""
+        if self._recalibration is None:
+            return None
+        count = self._recalibration.apply(model)
+        return {"batch_norms": count, "calibration_samples": self.calibration_samples,
+                "how": "paired shift of running statistics (rankcut.recalibration), forward passes only"}
 
     @staticmethod
     def _path(candidate: Candidate, policy: RankPolicy) -> tuple[Rank, ...]:
@@ -291,9 +318,11 @@ class LossAware(Selector):
         options = {name: self._options(curve, policy) for name, curve in curves.items()}
         start, steps = greedy_path(options)
 
+        search_probe = self._search_probe or probe
+
         def calibration_passes(position: int) -> bool:
-            change = probe.change(candidates, self._kept(self._prefix(start, steps, position)), strict=False)
-            return change <= self.tolerance * abs(probe.baseline)  # False for nan and inf
+            change = search_probe.change(candidates, self._kept(self._prefix(start, steps, position)), strict=False)
+            return change <= self.tolerance * abs(search_probe.baseline)  # False for nan and inf
 
         def validation_passes(position: int) -> bool:
             metrics = self._validate(candidates, self._prefix(start, steps, position),
@@ -362,7 +391,8 @@ class LossAware(Selector):
     def _validate(self, candidates: Mapping[str, Candidate], plan: Mapping[str, Option], label: str,
                   checks: list[dict[str, Any]]) -> dict[str, float]:
         begin = time.perf_counter()
-        with substituted(candidates, self._kept(plan)):
+        recalibrated = nullcontext() if self._recalibration is None else self._recalibration.applied(self.model)
+        with substituted(candidates, self._kept(plan)), recalibrated:
             metrics = Group.current().broadcast_metrics(self.task.evaluate(self.model, "validation"))
         self._validation_seconds += time.perf_counter() - begin
         total = sum(option.cost for option in plan.values()) if plan else None

@@ -145,6 +145,11 @@ class Selector(ABC):
     def choose(self, candidates: Sequence[Candidate], policy: RankPolicy) -> dict[str, Choice]:
         """A choice for every candidate, keyed by layer name."""
 
+    def finish(self, model: nn.Module) -> dict[str, Any] | None:
+        """Adjust the built model the way the selector measured its plans (``compress`` calls it after
+        factorizing); return what was done, for the plan's meta, or None when nothing was."""
+        return None
+
 
 class PerLayerSelector(Selector):
     """A selector that decides each layer on its own."""
