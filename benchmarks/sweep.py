@@ -25,6 +25,7 @@ import rankcut
 from rankcut.counting import count_macs, count_params
 from rankcut.inventory import Inventory, scan
 from rankcut.joint import LossAware
+from rankcut.joint.selector import BATCH_SIZE, CALIBRATION_SAMPLES
 from rankcut.latency import compare_latency
 from rankcut.recalibration import BatchNormRecalibration
 from rankcut.selectors import EVBMF, Energy, Selector
@@ -143,8 +144,7 @@ def _loss_aware(model: nn.Module, task, selector: LossAware, decomposition: str 
 
 def _recalibrated(original: nn.Module, task, compressed: nn.Module) -> nn.Module:
     """``compressed`` with the paired batch-norm shift ``LossAware`` applies, on the same calibration samples."""
-    defaults = LossAware("compact")
-    batches = task.calibration_batches(defaults.calibration_samples, defaults.batch_size)
+    batches = task.calibration_batches(CALIBRATION_SAMPLES, BATCH_SIZE)
     BatchNormRecalibration(original, list(batches), task.loss).apply(compressed)
     return compressed
 

@@ -17,6 +17,7 @@ from rankcut.counting import count_macs, count_params
 from rankcut.distributed import Group, init_from_environment
 from rankcut.inventory import scan
 from rankcut.joint import LossAware
+from rankcut.joint.selector import BATCH_SIZE, CALIBRATION_SAMPLES
 from rankcut.latency import compare_latency
 from rankcut.plan import format_table
 from rankcut.report import describe_other_modules
@@ -123,9 +124,10 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--select", default="fixed:0.5", show_default=True,
               help=f"Rank selector: {EXAMPLES}. fixed/budget fractions are of params (or MACs) KEPT.")
 @click.option("--target", help="Size for --select lossless: params=F or macs=F, the fraction KEPT (e.g. params=0.3).")
-@click.option("--calibration-samples", default=512, show_default=True, type=int,
+@click.option("--calibration-samples", default=CALIBRATION_SAMPLES, show_default=True, type=int,
               help="lossless/compact: calibration samples for the loss statistics and probes.")
-@click.option("--batch-size", default=64, show_default=True, type=int, help="lossless/compact: calibration batch size.")
+@click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=int,
+              help="lossless/compact: calibration batch size.")
 @click.option("--probe-samples", type=int,
               help="lossless/compact: calibration samples each probe measures (default: 512 lossless, 128 compact).")
 @click.option("--recalibrate/--no-recalibrate", default=True, show_default=True,

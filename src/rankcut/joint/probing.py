@@ -7,7 +7,7 @@ projection on the kept channel components for tucker2) computes exactly what its
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -46,15 +46,10 @@ def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Componen
 
 
 class LossProbe:
-    """Mean loss over a fixed list of calibration batches, and its change when layers are truncated.
+    """Mean loss over a fixed list of calibration batches, and its change when layers are truncated."""
 
-    ``adjusted`` (optional) gives a context in which a truncated model is measured, e.g. with its batch-norm
-    statistics recalibrated, so that probes measure what will be built.
-    """
-
-    def __init__(self, model: nn.Module, batches: Sequence[Any], loss: LossFn, group: Group | None = None,
-                 adjusted: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
-        self.model, self.batches, self.loss, self.adjusted = model, list(batches), loss, adjusted
+    def __init__(self, model: nn.Module, batches: Sequence[Any], loss: LossFn, group: Group | None = None) -> None:
+        self.model, self.batches, self.loss = model, list(batches), loss
         self.group = group or Group.current()
         self.measurements = 0
         self.baseline = self.measure()
@@ -79,8 +74,9 @@ class LossProbe:
                 raise ValueError(f"probe loss is {value}: a truncated layer broke the model's numerics")
         return value
 
-    def change(self, candidates: Mapping[str, Candidate], kept: Mapping[str, Components],
-               strict: bool = True) -> float:
-        """Measured loss change when the named layers keep only the given components (see ``measure``)."""
-        with substituted(candidates, kept), self.adjusted():
+    def change(self, candidates: Mapping[str, Candidate], kept: Mapping[str, Components], strict: bool = True,
+               within: AbstractContextManager[Any] | None = None) -> float:
+        """Measured loss change when the named layers keep only the given components (see ``measure``);
+        ``within``: a context entered after the substitution, e.g. batch-norm recalibration of the result."""
+        with substituted(candidates, kept), within or nullcontext():
             return self.measure(strict) - self.baseline

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ from rankcut.selectors.budget import METRICS, Budget, layer_cost
 MODES = ("lossless", "compact")
 LOSS_AWARE, ENERGY = "loss-aware", "energy budget"  # where a plan came from
 CRITERIA = ("loss", "metric")
+CALIBRATION_SAMPLES, BATCH_SIZE = 512, 64  # defaults, shared with the CLI
 
 
 class LossAware(Selector):
@@ -65,7 +66,8 @@ class LossAware(Selector):
     needs_data = True
 
     def __init__(self, mode: str = "compact", fraction: float | None = None, metric: str = "params", *,
-                 calibration_samples: int = 512, batch_size: int = 64, probe_samples: int | None = None,
+                 calibration_samples: int = CALIBRATION_SAMPLES, batch_size: int = BATCH_SIZE,
+                 probe_samples: int | None = None,
                  order: str = "spectrum", tolerance: float = 0.0, max_rounds: int = 3, max_evaluations: int = 10,
                  criterion: str = "loss", recalibrate: bool = True, progress: bool = True) -> None:
         if mode not in MODES:
@@ -95,7 +97,7 @@ class LossAware(Selector):
         self._active_fraction: float | None = fraction
         self._validation_seconds = 0.0
         self._recalibration: BatchNormRecalibration | None = None
-        self._search_probe: LossProbe | None = None
+        self._search_recalibration: BatchNormRecalibration | None = None
 
     # -- the steps --------------------------------------------------------------------------------------
 
@@ -119,13 +121,11 @@ class LossAware(Selector):
         batches = list(self.task.calibration_batches(self.calibration_samples, self.batch_size))
         probe_batches = batches[: max(1, -(-self.probe_samples // self.batch_size))]
         probe = LossProbe(self.model, probe_batches, self.task.loss, group)
-        self._recalibration = self._search_probe = None
+        self._recalibration = self._search_recalibration = None
         if self.recalibrate and batch_norms(self.model):
             self._recalibration = BatchNormRecalibration(self.model, batches, self.task.loss)
-            if self.mode == "compact":  # its search measures whole plans as they will be built
-                on_probes = BatchNormRecalibration(self.model, probe_batches, self.task.loss)
-                self._search_probe = LossProbe(self.model, probe_batches, self.task.loss, group,
-                                               lambda: on_probes.applied(self.model))
+            if self.mode == "compact":  # its search measures whole plans, recalibrated on the probe batches
+                self._search_recalibration = BatchNormRecalibration(self.model, probe_batches, self.task.loss)
         paths = {c.name: self._path(c, policy) for c in candidates if not isinstance(c.basis(), Spectrum)}
         disk = candidates[0].store.disk if candidates else None
         key = (memo.statistics_key(self.model, [c.name for c in candidates], batches,
@@ -163,8 +163,7 @@ class LossAware(Selector):
             "mode": self.mode, "criterion": self.criterion, "order": self.order, "plan_source": source,
             "batch_norm_recalibration": self._recalibration is not None,
             "calibration_samples": next(iter(stats.values())).a.shape[0], "probe_samples": self.probe_samples,
-            "probe_measurements": probe.measurements + (self._search_probe.measurements if self._search_probe else 0),
-            "calibration_loss": probe.baseline,
+            "probe_measurements": probe.measurements, "calibration_loss": probe.baseline,
             "statistics_cache": "off" if disk is None else "hit" if cached is not None else "miss",
             "predicted_loss_change": sum(option.error for option in chosen.values()),
             "measured_loss_change": probe.change(by_name, kept),
@@ -318,11 +317,11 @@ class LossAware(Selector):
         options = {name: self._options(curve, policy) for name, curve in curves.items()}
         start, steps = greedy_path(options)
 
-        search_probe = self._search_probe or probe
-
         def calibration_passes(position: int) -> bool:
-            change = search_probe.change(candidates, self._kept(self._prefix(start, steps, position)), strict=False)
-            return change <= self.tolerance * abs(search_probe.baseline)  # False for nan and inf
+            kept = self._kept(self._prefix(start, steps, position))
+            change = probe.change(candidates, kept, strict=False,
+                                  within=self._recalibrated(self._search_recalibration, kept))
+            return change <= self.tolerance * abs(probe.baseline)  # False for nan and inf
 
         def validation_passes(position: int) -> bool:
             metrics = self._validate(candidates, self._prefix(start, steps, position),
@@ -391,13 +390,19 @@ class LossAware(Selector):
     def _validate(self, candidates: Mapping[str, Candidate], plan: Mapping[str, Option], label: str,
                   checks: list[dict[str, Any]]) -> dict[str, float]:
         begin = time.perf_counter()
-        recalibrated = nullcontext() if self._recalibration is None else self._recalibration.applied(self.model)
-        with substituted(candidates, self._kept(plan)), recalibrated:
+        kept = self._kept(plan)
+        with substituted(candidates, kept), self._recalibrated(self._recalibration, kept):
             metrics = Group.current().broadcast_metrics(self.task.evaluate(self.model, "validation"))
         self._validation_seconds += time.perf_counter() - begin
         total = sum(option.cost for option in plan.values()) if plan else None
         checks.append({"plan": label, "validation": metrics, "cost": total})
         return metrics
+
+    def _recalibrated(self, recalibration: BatchNormRecalibration | None,
+                      kept: Mapping[str, Any]) -> AbstractContextManager[Any]:
+        """The batch-norm recalibration a truncated model is measured with (none when nothing is truncated:
+        the paired shift is then exactly zero)."""
+        return nullcontext() if recalibration is None or not kept else recalibration.applied(self.model)
 
     def _score(self, metrics: Mapping[str, float]) -> tuple[float, float]:
         return metrics.get(self.task.metric_name, 0.0), -metrics.get("loss", 0.0)
