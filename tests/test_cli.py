@@ -121,20 +121,22 @@ def test_compress_lossless_from_the_shell(tmp_path):
                  "--report", str(report_path), "--no-progress")
     assert result.exit_code == 0, result.output
     assert "loss-aware selection (lossless" in result.output and "measured" in result.output
+    assert "each cut charged 2 standard errors above its estimate" in result.output
     report = json.loads(report_path.read_text())
     assert report["selector"] == "lossless:params=0.5"
     assert report["selection"]["validation_checks"]
 
 
-def test_compact_with_tucker2_and_probe_samples_from_the_shell(tmp_path):
+def test_compact_with_tucker2_and_loss_aware_options_from_the_shell(tmp_path):
     """auto: Tucker-2 for the k×k convs and SVD for the head, both loss-aware in one run."""
     report_path = tmp_path / "report.json"
     result = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", "--select", "compact",
                  "--decomposition", "auto", "--calibration-samples", "32", "--batch-size", "16",
-                 "--probe-samples", "16", "--split", "none", "--report", str(report_path), "--no-progress")
+                 "--probe-samples", "16", "--confidence", "1", "--split", "none", "--report", str(report_path),
+                 "--no-progress")
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
-    assert report["selection"]["probe_samples"] == 16
+    assert report["selection"]["probe_samples"] == 16 and report["selection"]["confidence"] == 1
     assert {layer["decomposition"] for layer in report["layers"] if layer["supported"]} == {"svd", "tucker2"}
 
 

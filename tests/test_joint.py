@@ -241,6 +241,23 @@ def test_prediction_matches_measurement_for_small_perturbations():
         assert predicted == pytest.approx(measured, rel=0.2, abs=1e-6), candidate.name
 
 
+def test_upper_bound_adds_the_sampling_error_of_the_prediction():
+    model, batches, loss = _mixed_setup()
+    candidate = scan(model).factorizable()[0]
+    stats = gather_statistics(model, [candidate], batches, loss)[candidate.name]
+    curve = LayerCurve.of(candidate, stats, "spectrum")
+    per_sample = torch.cumsum(stats.a.flip(1), dim=1)  # spectrum order: the smallest component goes first
+    expected = per_sample.std(0) / per_sample.shape[0] ** 0.5
+    assert curve.standard_error[0] == 0  # nothing removed: nothing uncertain
+    torch.testing.assert_close(curve.standard_error[1:], expected[:-1])
+    for removed in range(1, curve.size):
+        assert curve.upper_bound(removed, 0.0) == curve.estimate(removed)
+        assert curve.upper_bound(removed, 2.0) == pytest.approx(
+            curve.estimate(removed) + 2 * float(expected[removed - 1]))
+    with pytest.raises(ValueError, match="confidence"):
+        LossAware("compact", confidence=-1)
+
+
 def test_taylor_order_stays_in_its_window():
     model, batches, loss = _mixed_setup()
     candidate = scan(model).factorizable()[2]

@@ -130,6 +130,8 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
               help="lossless/compact: calibration batch size.")
 @click.option("--probe-samples", type=int,
               help="lossless/compact: calibration samples each probe measures (default: 512 lossless, 128 compact).")
+@click.option("--confidence", default=2.0, show_default=True, type=float,
+              help="lossless/compact: standard errors added to each cut's estimated loss change (0: none).")
 @click.option("--recalibrate/--no-recalibrate", default=True, show_default=True,
               help="lossless/compact: correct batch-norm statistics on the calibration samples (no training).")
 @click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
@@ -150,7 +152,7 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, select: str,
              target: str | None, calibration_samples: int, batch_size: int, probe_samples: int | None,
-             recalibrate: bool, decomposition: str,
+             confidence: float, recalibrate: bool, decomposition: str,
              ignore: tuple[str, ...], round_to: int, latency_guard: bool, split: str, cache_dir: str | None,
              low_memory: bool, randomized_above: int | None, out: str | None, report_path: str | None, force: bool,
              progress: bool) -> None:
@@ -158,7 +160,8 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
     progress = progress and main_process
     source, task_obj = _load(model, weights, task)
     try:
-        selector = _selector(select, target, calibration_samples, batch_size, probe_samples, recalibrate, progress)
+        selector = _selector(select, target, calibration_samples, batch_size, probe_samples, confidence, recalibrate,
+                             progress)
     except ValueError as error:
         _fail(str(error))
     protected = tuple(p for p in (source.checkpoint, weights, source.files_dir) if p)
@@ -194,7 +197,7 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
 
 
 def _selector(select: str, target: str | None, calibration_samples: int, batch_size: int,
-              probe_samples: int | None, recalibrate: bool, progress: bool) -> Selector:
+              probe_samples: int | None, confidence: float, recalibrate: bool, progress: bool) -> Selector:
     """The selector for ``--select`` (with ``--target`` for lossless), or a clear error."""
     kind = select.partition(":")[0].strip().lower()
     if kind not in ("lossless", "compact"):
@@ -210,8 +213,8 @@ def _selector(select: str, target: str | None, calibration_samples: int, batch_s
     selector = parse_selector(select)
     metric = selector.metric
     return LossAware(selector.mode, selector.fraction, metric, calibration_samples=calibration_samples,
-                     batch_size=batch_size, probe_samples=probe_samples, criterion=selector.criterion,
-                     recalibrate=recalibrate, progress=progress)
+                     batch_size=batch_size, probe_samples=probe_samples, confidence=confidence,
+                     criterion=selector.criterion, recalibrate=recalibrate, progress=progress)
 
 
 @main.command(name="eval", help="Evaluate a model on a task split.")

@@ -85,7 +85,8 @@ def describe_selection(selection: dict) -> str:
     """What a loss-aware selector measured: calibration loss change predicted vs measured, validation checks."""
     lines = [f"loss-aware selection ({selection['mode']}, plan from {selection['plan_source']}): "
              f"{selection['calibration_samples']} calibration samples, {selection['probe_measurements']} probe "
-             f"passes, {selection['seconds']['total']:.1f} s",
+             f"passes, each cut charged {selection.get('confidence', 0):g} standard errors above its estimate, "
+             f"{selection['seconds']['total']:.1f} s",
              f"calibration loss {selection['calibration_loss']:.4f}: change predicted "
              f"{selection['predicted_loss_change']:+.4f} (sum over layers), "
              f"measured {selection['measured_loss_change']:+.4f}"]

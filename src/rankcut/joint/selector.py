@@ -5,8 +5,9 @@ Steps, all without fine-tuning and without touching the test split:
 2. each layer gets a curve "loss change vs components removed" (Taylor prediction; a tucker2 layer's curve
    follows its rank-pair path), checked by real probes (lossless: at half and a quarter of each layer's
    params); the trusted range ends where prediction and measurement part;
-3. layers are allocated jointly along the greedy path of least loss added per parameter (or MAC) saved; any
-   chosen size outside a layer's trusted range is measured and the allocation redone;
+3. layers are allocated jointly along the greedy path of least loss added per parameter (or MAC) saved, each
+   cut charged its estimate plus ``confidence`` standard errors (so calibration noise cannot pass for a gain);
+   any chosen size outside a layer's trusted range is measured and the allocation redone;
 4. the result is checked with the task's real evaluation on the validation split: ``compact`` searches the
    path, first on the probe batches' loss, then on validation, for the longest prefix whose loss and metric
    are no worse than the original's; ``lossless`` keeps the better of its plan and the energy-based budget
@@ -54,6 +55,8 @@ class LossAware(Selector):
     ``criterion="metric"`` asks only that the validation metric be no worse (e.g. accuracy not below).
     ``order="taylor"`` lets a layer drop any component, not only the smallest ones; ``"spectrum"`` truncates
     (svd layers; a tucker2 layer always follows its path of rank pairs, leading components kept).
+    ``confidence`` (default 2): standard errors of the per-sample loss change added to every cut's estimate
+    before layers compete (an upper confidence bound); 0 trusts the calibration means as they are.
     ``probe_samples`` (default: 512 for lossless, 128 for compact, at most ``calibration_samples``): the
     calibration samples each probe measures the loss on. compact checks every candidate size on validation,
     so its probes only shape the path and fewer suffice.
@@ -67,7 +70,7 @@ class LossAware(Selector):
 
     def __init__(self, mode: str = "compact", fraction: float | None = None, metric: str = "params", *,
                  calibration_samples: int = CALIBRATION_SAMPLES, batch_size: int = BATCH_SIZE,
-                 probe_samples: int | None = None,
+                 probe_samples: int | None = None, confidence: float = 2.0,
                  order: str = "spectrum", tolerance: float = 0.0, max_rounds: int = 3, max_evaluations: int = 10,
                  criterion: str = "loss", recalibrate: bool = True, progress: bool = True) -> None:
         if mode not in MODES:
@@ -84,9 +87,12 @@ class LossAware(Selector):
             probe_samples = 512 if mode == "lossless" else 128
         if min(calibration_samples, batch_size, probe_samples) < 1:
             raise ValueError("calibration_samples, batch_size and probe_samples must be positive")
+        if not confidence >= 0:
+            raise ValueError(f"confidence (standard errors added to each estimate) must be >= 0, got {confidence}")
         self.mode, self.fraction, self.metric, self.order = mode, fraction, metric, order
         self.calibration_samples, self.batch_size = calibration_samples, batch_size
         self.probe_samples = min(probe_samples, calibration_samples)
+        self.confidence = confidence
         self.tolerance, self.max_rounds, self.max_evaluations = tolerance, max_rounds, max_evaluations
         self.progress, self.criterion, self.recalibrate = progress, criterion, recalibrate
         self.spec = (f"lossless:{metric}={fraction:g}" if mode == "lossless"
@@ -165,7 +171,9 @@ class LossAware(Selector):
             "calibration_samples": next(iter(stats.values())).a.shape[0], "probe_samples": self.probe_samples,
             "probe_measurements": probe.measurements, "calibration_loss": probe.baseline,
             "statistics_cache": "off" if disk is None else "hit" if cached is not None else "miss",
-            "predicted_loss_change": sum(option.error for option in chosen.values()),
+            "confidence": self.confidence,
+            "predicted_loss_change": sum(curves[name].estimate(option.note) for name, option in chosen.items()
+                                         if option.rank is not None and source != ENERGY),
             "measured_loss_change": probe.change(by_name, kept),
             "validation_checks": checks,
             "seconds": {"statistics": round(statistics_seconds, 2), "probes_and_allocation": round(probing_seconds, 2),
@@ -240,12 +248,13 @@ class LossAware(Selector):
                 curve.probes[removed] = probe.change({name: curve.candidate}, {name: curve.kept(removed)})
 
     def _options(self, curve: LayerCurve, policy: RankPolicy) -> list[Option]:
-        """Dense, plus every (rounded) rank that pays off, with its estimated loss change."""
+        """Dense, plus every (rounded) rank that pays off, with the loss change it is charged (upper bound)."""
         options = [Option(None, self._cost(curve.candidate, None), 0.0)]
         for rank in policy.candidate_ranks(curve.candidate):
             removed = curve.removed_for(rank)
             if removed is not None and policy.pays_off(curve.candidate, rank):
-                options.append(Option(rank, self._cost(curve.candidate, rank), curve.estimate(removed),
+                options.append(Option(rank, self._cost(curve.candidate, rank),
+                                      curve.upper_bound(removed, self.confidence),
                                       curve.kept(removed), removed))
         return options
 
@@ -433,7 +442,7 @@ class LossAware(Selector):
                     "components (projection on the leading ones, no HOOI)")
         measured = curve.probes.get(removed)
         why = (f"{self.spec}: {what}; ΔL predicted {float(curve.predicted[removed]):+.4f} (Taylor), "
-               f"estimated {option.error:+.4f}")
+               f"estimated {curve.estimate(removed):+.4f} ± {float(curve.standard_error[removed]):.4f}")
         if measured is not None:
             why += f", measured {measured:+.4f} (layer alone)"
         why += f"; Taylor trusted up to {curve.trusted(tolerance)} removed"
