@@ -25,9 +25,7 @@ import rankcut
 from rankcut.counting import count_macs, count_params
 from rankcut.inventory import Inventory, scan
 from rankcut.joint import LossAware
-from rankcut.joint.selector import BATCH_SIZE, CALIBRATION_SAMPLES
 from rankcut.latency import compare_latency
-from rankcut.recalibration import BatchNormRecalibration
 from rankcut.selectors import EVBMF, Energy, Selector
 from rankcut.sources import ZOO
 
@@ -91,11 +89,11 @@ def run(model_name: str, budgets: list[float], methods: list[str], repeats: int,
                                    f"budget:params={f}, latency guard at the example input's shape"),
         "asvd": lambda f: (asvd(original, task, f), f"fixed:{f} on W·diag(mean|x|^0.5)"),
         "tltorch-tucker": lambda f: tltorch_tucker(original, f, names),
-        "budget-bn": lambda f: (_recalibrated(original, task, rankcut.compress(original, f"budget:params={f}",
-                                                                               progress=False)[0]),
+        "budget-bn": lambda f: (rankcut.compress(original, f"budget:params={f}", task=task, recalibrate=True,
+                                                 progress=False)[0],
                                 f"budget:params={f}, batch norms recalibrated as lossless does (ablation)"),
-        "budget-tucker2-bn": lambda f: (_recalibrated(original, task, rankcut.compress(
-            original, f"budget:params={f}", decomposition="auto", progress=False)[0]),
+        "budget-tucker2-bn": lambda f: (rankcut.compress(original, f"budget:params={f}", decomposition="auto",
+                                                         task=task, recalibrate=True, progress=False)[0],
             f"budget:params={f}, decomposition auto, batch norms recalibrated as lossless does (ablation)"),
         "lossless": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
                                                                     progress=False)),
@@ -140,13 +138,6 @@ def _loss_aware(model: nn.Module, task, selector: LossAware, decomposition: str 
                         f"{selection['calibration_samples']} calibration samples, "
                         f"{selection['probe_measurements']} probes, "
                         f"{len(selection['validation_checks'])} validation checks, plan: {selection['plan_source']}")
-
-
-def _recalibrated(original: nn.Module, task, compressed: nn.Module) -> nn.Module:
-    """``compressed`` with the paired batch-norm shift ``LossAware`` applies, on the same calibration samples."""
-    batches = task.calibration_batches(CALIBRATION_SAMPLES, BATCH_SIZE)
-    BatchNormRecalibration(original, list(batches), task.loss).apply(compressed)
-    return compressed
 
 
 def _selector(model, inventory, make, fraction, label) -> tuple[nn.Module, str]:

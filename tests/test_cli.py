@@ -148,3 +148,12 @@ def test_compact_with_tucker2_and_loss_aware_options_from_the_shell(tmp_path):
 def test_loss_aware_option_errors(args, message):
     result = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", *args)
     assert result.exit_code != 0 and message in result.output
+
+
+def test_recalibrate_after_a_data_free_selector_from_the_shell():
+    args = ("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", "--select", "budget:params=0.5",
+            "--calibration-samples", "64", "--split", "none", "--no-progress")
+    result = run(*args, "--recalibrate")
+    assert result.exit_code == 0, result.output
+    assert "batch-norm statistics of 1 layers recalibrated on 64 calibration samples" in result.output
+    assert "recalibrated" not in run(*args).output  # off by default for the selectors that read only weights

@@ -115,3 +115,30 @@ def test_compress_recalibrates_records_it_and_the_saved_model_loads(tmp_path):
     plain, report = rankcut.compress(model, off, task=task, ignore=convs_only, progress=False)
     assert "after_factorization" not in report.plan.meta
     assert torch.equal(plain.norm.running_mean, model.norm.running_mean)
+
+
+def test_compress_recalibrates_after_a_data_free_selector():
+    """budget + recalibrate=True gives exactly the budget model with the paired shift applied by hand."""
+    task = ToyTask()
+    model = task.build_model()
+    kwargs = {"ignore": ["head.1", "head.3"], "progress": False}
+    plain, _ = rankcut.compress(model, "budget:params=0.5", **kwargs)
+    corrected, report = rankcut.compress(model, "budget:params=0.5", task=task, recalibrate=True,
+                                         recalibration_samples=64, **kwargs)
+    BatchNormRecalibration(model, list(task.calibration_batches(64, 64)), task.loss).apply(plain)
+    assert torch.equal(corrected.norm.running_mean, plain.norm.running_mean)
+    assert torch.equal(corrected.norm.running_var, plain.norm.running_var)
+    assert not torch.equal(corrected.norm.running_mean, model.norm.running_mean)
+    assert report.plan.meta["after_factorization"]["calibration_samples"] == 64
+
+
+@pytest.mark.parametrize(("select", "task", "model", "message"), [
+    ("budget:params=0.5", None, "cnn", "pass a task"),
+    ("lossless:params=0.5", "toy", "cnn", "recalibrates batch norms by itself"),
+    ("budget:params=0.5", "toy", "linear", "no batch norms"),
+])
+def test_compress_recalibrate_errors(select, task, model, message):
+    network = ToyTask().build_model() if model == "cnn" else nn.Sequential(nn.Flatten(), nn.Linear(768, 10))
+    with pytest.raises(ValueError, match=message):
+        rankcut.compress(network, select, task=ToyTask() if task else None, recalibrate=True,
+                         recalibration_samples=64, progress=False)

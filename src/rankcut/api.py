@@ -16,9 +16,11 @@ from rankcut.bases import BasisStore
 from rankcut.counting import count_macs, count_params
 from rankcut.distributed import Group
 from rankcut.inventory import Candidate, DecompositionSpec, IgnoreSpec, Inventory, scan
+from rankcut.joint.selector import BATCH_SIZE, CALIBRATION_SAMPLES
 from rankcut.latency import LatencyGuard
 from rankcut.layers import Components, Decomposition, LayerInfo, Rank, get_decomposition
 from rankcut.plan import LayerPlan, Plan
+from rankcut.recalibration import BatchNormRecalibration, batch_norms
 from rankcut.report import Report
 from rankcut.selectors import Choice, RankPolicy, Selector, parse_selector
 from rankcut.tasks.base import ModelInputs, Task
@@ -204,7 +206,8 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
              ignore: IgnoreSpec = (), round_to: int = 1, inplace: bool = False, progress: bool = True,
              evaluate_split: str | None = None, latency_guard: bool | LatencyGuard = False,
              cache_dir: str | os.PathLike | None = None, low_memory: bool = False,
-             randomized_above: int | None = None) -> tuple[nn.Module, Report]:
+             randomized_above: int | None = None, recalibrate: bool = False,
+             recalibration_samples: int = CALIBRATION_SAMPLES) -> tuple[nn.Module, Report]:
     """Factorize ``model``'s layers with ranks from ``select``; return the compressed model and a report.
 
     ``select`` is a spec (``"fixed:0.5"`` keeps ~50% of each factorizable layer's params, ``"rank:32"``,
@@ -217,6 +220,10 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     Large models: ``cache_dir`` keeps spectra and loss statistics on disk for the next run, ``low_memory``
     keeps singular vectors on disk (pair it with ``inplace=True``), ``randomized_above`` gives layers with
     at least that many weights a checked randomized SVD of their leading components.
+    ``recalibrate=True`` corrects the batch norms after a selector that reads only the weights (``budget``,
+    ``fixed`` …), on the task's first ``recalibration_samples`` calibration samples (``rankcut.recalibration``:
+    forward passes, no training). ``lossless``/``compact`` do this by themselves: see
+    ``LossAware(recalibrate=)``.
     """
     if data is not None and task is not None and data is not task:
         raise ValueError("pass the task either as task= or as data=, not both")
@@ -230,13 +237,15 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     store = BasisStore(cache_dir, low_memory=low_memory, randomized_above=randomized_above)
     inventory = scan(model, example_inputs, decomposition, ignore, store)
     selector = parse_selector(select)
+    recalibration = _recalibration(model, selector, task, recalibration_samples) if recalibrate else None
     plan = make_plan(model, selector, example_inputs=example_inputs, decomposition=decomposition, round_to=round_to,
                      inventory=inventory, task=task, latency_guard=latency_guard, progress=progress)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs) if example_inputs is not None else None
     metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}
     compressed = apply(model, plan, inplace=inplace, progress=progress, inventory=inventory)
-    finished = selector.finish(compressed)
+    finished = (selector.finish(compressed) if recalibration is None
+                else recalibration.finish(compressed, recalibration_samples))
     if finished is not None:
         plan.meta["after_factorization"] = finished
     plan.meta["bases"] = store.describe()
@@ -251,6 +260,21 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     )
     report.seconds = time.perf_counter() - start
     return compressed, report
+
+
+def _recalibration(model: nn.Module, selector: Selector, task: Task | None, samples: int) -> BatchNormRecalibration:
+    """The original's batch-norm statistics on the task's calibration samples, for ``compress(recalibrate=True)``."""
+    if selector.needs_data:
+        raise ValueError(f"{selector.spec} recalibrates batch norms by itself; turn it off with "
+                         "LossAware(recalibrate=False) (--no-recalibrate), not compress(recalibrate=...)")
+    if task is None:
+        raise ValueError("recalibrate=True corrects batch-norm statistics on calibration samples: pass a task "
+                         "(task=... or --task)")
+    if not batch_norms(model):
+        raise ValueError("recalibrate=True: the model has no batch norms with running statistics to correct")
+    if samples < 1:
+        raise ValueError(f"recalibration_samples must be positive, got {samples}")
+    return BatchNormRecalibration(model, list(task.calibration_batches(samples, BATCH_SIZE)), task.loss)
 
 
 def describe_inputs(inputs: ModelInputs) -> str:

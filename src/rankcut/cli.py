@@ -125,15 +125,16 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
               help=f"Rank selector: {EXAMPLES}. fixed/budget fractions are of params (or MACs) KEPT.")
 @click.option("--target", help="Size for --select lossless: params=F or macs=F, the fraction KEPT (e.g. params=0.3).")
 @click.option("--calibration-samples", default=CALIBRATION_SAMPLES, show_default=True, type=int,
-              help="lossless/compact: calibration samples for the loss statistics and probes.")
+              help="lossless/compact: calibration samples for the loss statistics and probes (and for --recalibrate).")
 @click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=int,
               help="lossless/compact: calibration batch size.")
 @click.option("--probe-samples", type=int,
               help="lossless/compact: calibration samples each probe measures (default: 512 lossless, 128 compact).")
 @click.option("--confidence", default=2.0, show_default=True, type=float,
               help="lossless/compact: standard errors added to each cut's estimated loss change (0: none).")
-@click.option("--recalibrate/--no-recalibrate", default=True, show_default=True,
-              help="lossless/compact: correct batch-norm statistics on the calibration samples (no training).")
+@click.option("--recalibrate/--no-recalibrate", default=None,
+              help="Correct batch-norm statistics on the task's calibration samples (no training). Default: on for "
+                   "lossless/compact, off for the other selectors (--recalibrate turns it on; needs --task).")
 @click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
 @click.option("--ignore", multiple=True, help="Layer name (or prefix module) or type name to keep dense; repeatable.")
 @click.option("--round-to", default=1, show_default=True, type=int, help="Round ranks to a multiple of N.")
@@ -152,7 +153,7 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, select: str,
              target: str | None, calibration_samples: int, batch_size: int, probe_samples: int | None,
-             confidence: float, recalibrate: bool, decomposition: str,
+             confidence: float, recalibrate: bool | None, decomposition: str,
              ignore: tuple[str, ...], round_to: int, latency_guard: bool, split: str, cache_dir: str | None,
              low_memory: bool, randomized_above: int | None, out: str | None, report_path: str | None, force: bool,
              progress: bool) -> None:
@@ -175,7 +176,8 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
             source.model, selector, task=task_obj, example_inputs=inputs, decomposition=decomposition,
             ignore=list(ignore), round_to=round_to, progress=progress, latency_guard=latency_guard,
             evaluate_split=None if split == "none" or task_obj is None else split, cache_dir=cache_dir,
-            low_memory=low_memory, inplace=low_memory, randomized_above=randomized_above)
+            low_memory=low_memory, inplace=low_memory, randomized_above=randomized_above,
+            recalibrate=bool(recalibrate) and not selector.needs_data, recalibration_samples=calibration_samples)
     except (ValueError, CheckpointError) as error:
         _fail(str(error))
     if not main_process:
@@ -197,7 +199,7 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
 
 
 def _selector(select: str, target: str | None, calibration_samples: int, batch_size: int,
-              probe_samples: int | None, confidence: float, recalibrate: bool, progress: bool) -> Selector:
+              probe_samples: int | None, confidence: float, recalibrate: bool | None, progress: bool) -> Selector:
     """The selector for ``--select`` (with ``--target`` for lossless), or a clear error."""
     kind = select.partition(":")[0].strip().lower()
     if kind not in ("lossless", "compact"):
@@ -214,7 +216,7 @@ def _selector(select: str, target: str | None, calibration_samples: int, batch_s
     metric = selector.metric
     return LossAware(selector.mode, selector.fraction, metric, calibration_samples=calibration_samples,
                      batch_size=batch_size, probe_samples=probe_samples, confidence=confidence,
-                     criterion=selector.criterion, recalibrate=recalibrate, progress=progress)
+                     criterion=selector.criterion, recalibrate=recalibrate is not False, progress=progress)
 
 
 @main.command(name="eval", help="Evaluate a model on a task split.")

@@ -86,6 +86,11 @@ class BatchNormRecalibration:
                 bn.running_var.mul_(ratio)
         return len(current)
 
+    def finish(self, model: nn.Module, samples: int) -> dict[str, Any]:
+        """Shift a built model's statistics (``apply``) and say what was done, for its plan's meta."""
+        return {"batch_norms": self.apply(model), "calibration_samples": samples,
+                "how": "paired shift of running statistics (rankcut.recalibration), forward passes only"}
+
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
         """Within the block, ``model``'s batch norms carry the shift; their statistics are restored afterwards."""

@@ -190,9 +190,7 @@ class LossAware(Selector):
         """Recalibrate the built model's batch norms as every measured model was; say what was done."""
         if self._recalibration is None:
             return None
-        count = self._recalibration.apply(model)
-        return {"batch_norms": count, "calibration_samples": self.calibration_samples,
-                "how": "paired shift of running statistics (rankcut.recalibration), forward passes only"}
+        return self._recalibration.finish(model, self.calibration_samples)
 
     @staticmethod
     def _path(candidate: Candidate, policy: RankPolicy) -> tuple[Rank, ...]:
