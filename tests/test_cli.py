@@ -144,6 +144,9 @@ def test_compact_with_tucker2_and_loss_aware_options_from_the_shell(tmp_path):
     (["--select", "fixed:0.5", "--target", "params=0.5"], "--target goes with --select lossless"),
     (["--select", "compact", "--target", "params=0.5"], "compact finds its own size"),
     (["--select", "lossless"], "lossless needs a size"),
+    (["--select", "budget:params=0.5", "--probe-samples", "16", "--confidence", "1"],
+     "--probe-samples, --confidence: only --select lossless/compact use these"),
+    (["--select", "budget:params=0.5", "--calibration-samples", "64"], "--calibration-samples: only"),
 ])
 def test_loss_aware_option_errors(args, message):
     result = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", *args)

@@ -10,12 +10,14 @@ import pytest
 
 TESTS = Path(__file__).parent
 COMMAND = ["-m", "rankcut", "compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task",
-           "--calibration-samples", "64", "--batch-size", "16", "--split", "none", "--no-progress"]
+           "--split", "none", "--no-progress"]
+LOSS_AWARE = ["--calibration-samples", "64", "--batch-size", "16"]
 
 
 def run(prefix: list[str], report: Path, select: str) -> None:
     environment = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *prefix, *COMMAND, "--select", select, "--report", str(report)],
+    options = LOSS_AWARE if select.startswith("lossless") else []
+    result = subprocess.run([sys.executable, *prefix, *COMMAND, *options, "--select", select, "--report", str(report)],
                             capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 
 from rankcut import hf
 from rankcut.api import compress as compress_model
@@ -205,6 +206,13 @@ def _selector(select: str, target: str | None, calibration_samples: int, batch_s
     if kind not in ("lossless", "compact"):
         if target:
             raise ValueError("--target goes with --select lossless (e.g. --select lossless --target params=0.3)")
+        unused = [name for name in ("probe_samples", "confidence", "batch_size") if _given(name)]
+        if _given("calibration_samples") and not recalibrate:
+            unused.append("calibration_samples")
+        if unused:
+            options = ", ".join("--" + name.replace("_", "-") for name in unused)
+            raise ValueError(f"{options}: only --select lossless/compact use these (--calibration-samples also goes "
+                             f"with --recalibrate); --select {select} reads only the weights")
         return parse_selector(select)
     if kind == "lossless" and target:
         if ":" in select:
@@ -217,6 +225,12 @@ def _selector(select: str, target: str | None, calibration_samples: int, batch_s
     return LossAware(selector.mode, selector.fraction, metric, calibration_samples=calibration_samples,
                      batch_size=batch_size, probe_samples=probe_samples, confidence=confidence,
                      criterion=selector.criterion, recalibrate=recalibrate is not False, progress=progress)
+
+
+def _given(option: str) -> bool:
+    """Whether the user set this option of the running command (on the command line or in the environment)."""
+    source = click.get_current_context().get_parameter_source(option)
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
 @main.command(name="eval", help="Evaluate a model on a task split.")
