@@ -16,14 +16,13 @@ from rankcut.bases import BasisStore
 from rankcut.counting import count_macs, count_params
 from rankcut.distributed import Group
 from rankcut.inventory import Candidate, DecompositionSpec, IgnoreSpec, Inventory, scan
-from rankcut.joint.selector import BATCH_SIZE, CALIBRATION_SAMPLES
 from rankcut.latency import LatencyGuard
 from rankcut.layers import Components, Decomposition, LayerInfo, Rank, get_decomposition
 from rankcut.plan import LayerPlan, Plan
 from rankcut.recalibration import BatchNormRecalibration, batch_norms
 from rankcut.report import Report
 from rankcut.selectors import Choice, RankPolicy, Selector, parse_selector
-from rankcut.tasks.base import ModelInputs, Task
+from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, ModelInputs, Task
 
 PLAN_ATTRIBUTE = "_rankcut_plan"
 

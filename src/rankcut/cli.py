@@ -18,14 +18,13 @@ from rankcut.counting import count_macs, count_params
 from rankcut.distributed import Group, init_from_environment
 from rankcut.inventory import scan
 from rankcut.joint import LossAware
-from rankcut.joint.selector import BATCH_SIZE, CALIBRATION_SAMPLES
 from rankcut.latency import compare_latency
 from rankcut.plan import format_table
 from rankcut.report import describe_other_modules
 from rankcut.selectors import EXAMPLES, Selector, parse_selector
 from rankcut.sources import ZOO, ModelSource, build_source_model, resolve_model, resolve_task
 from rankcut.spectrum_report import spectrum_report
-from rankcut.tasks.base import ModelInputs, Task
+from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, ModelInputs, Task
 
 MODEL_HELP = ("MODEL: a zoo name (" + ", ".join(sorted(ZOO)) + "), a saved rankcut directory, a Hugging Face "
               "model directory (config.json + safetensors), or 'package.module:factory' (with --weights "

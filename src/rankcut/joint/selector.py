@@ -39,11 +39,11 @@ from rankcut.recalibration import BatchNormRecalibration, batch_norms
 from rankcut.selectors.allocation import Option, greedy_path, walk_to_budget
 from rankcut.selectors.base import Choice, RankPolicy, Selector
 from rankcut.selectors.budget import METRICS, Budget, layer_cost
+from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES
 
 MODES = ("lossless", "compact")
 LOSS_AWARE, ENERGY = "loss-aware", "energy budget"  # where a plan came from
 CRITERIA = ("loss", "metric")
-CALIBRATION_SAMPLES, BATCH_SIZE = 512, 64  # defaults, shared with the CLI
 
 
 class LossAware(Selector):

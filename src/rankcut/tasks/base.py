@@ -17,6 +17,8 @@ from torch import nn
 ModelInputs = torch.Tensor | tuple[Any, ...] | Mapping[str, Any]
 
 SPLITS = ("calibration", "validation", "test")
+# what callers ask ``calibration_batches`` for by default (loss-aware selection, batch-norm recalibration)
+CALIBRATION_SAMPLES, BATCH_SIZE = 512, 64
 
 
 def call_model(model: nn.Module, inputs: ModelInputs) -> Any:
