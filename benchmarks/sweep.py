@@ -102,6 +102,17 @@ def run(model_name: str, budgets: list[float], methods: list[str], repeats: int,
                                      f"budget:params={f}, decomposition auto (Tucker-2 for k×k convs)"),
         "lossless-tucker2": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
                                                                             progress=False), "auto"),
+        "budget-whitened": lambda f: (rankcut.compress(original, f"budget:params={f}", task=task,
+                                                       decomposition="whitened-svd", progress=False)[0],
+                                      f"budget:params={f}, decomposition whitened-svd"),
+        "budget-whitened-bn": lambda f: (rankcut.compress(original, f"budget:params={f}", task=task,
+                                                          decomposition="whitened-svd", recalibrate=True,
+                                                          progress=False)[0],
+                                         f"budget:params={f}, decomposition whitened-svd, batch norms recalibrated"),
+        "lossless-whitened": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
+                                                                             progress=False), "whitened-svd"),
+        "compact-whitened": lambda f: _loss_aware(original, task, LossAware("compact", probe_samples=probe_samples,
+                                                                            progress=False), "whitened-svd"),
         "compact": lambda f: _loss_aware(original, task, LossAware("compact", probe_samples=probe_samples,
                                                                    progress=False)),
         "compact-metric": lambda f: _loss_aware(original, task, LossAware("compact", probe_samples=probe_samples,
@@ -147,11 +158,12 @@ def _selector(model, inventory, make, fraction, label) -> tuple[nn.Module, str]:
 
 
 METHODS = ["uniform-svd", "asvd", "tltorch-tucker", "energy", "evbmf", "budget", "budget-r8", "budget-guard",
-           "budget-bn", "budget-tucker2", "budget-tucker2-bn", "lossless", "lossless-tucker2", "compact",
-           "compact-metric"]
+           "budget-bn", "budget-tucker2", "budget-tucker2-bn", "budget-whitened", "budget-whitened-bn", "lossless",
+           "lossless-tucker2", "lossless-whitened", "compact", "compact-metric", "compact-whitened"]
 # the same as their svd / no-batch-norm rows on a transformer
-CONV_ONLY = ("tltorch-tucker", "budget-bn", "budget-tucker2", "budget-tucker2-bn", "lossless-tucker2")
-SIZELESS = ("compact", "compact-metric")
+CONV_ONLY = ("tltorch-tucker", "budget-bn", "budget-tucker2", "budget-tucker2-bn", "budget-whitened-bn",
+             "lossless-tucker2")
+SIZELESS = ("compact", "compact-metric", "compact-whitened")
 
 
 def main() -> None:

@@ -40,6 +40,19 @@ def test_compress_saves_and_reports(tmp_path):
     assert bench.exit_code == 0 and "speed-up" in bench.output
 
 
+def test_compress_whitened_needs_the_task_and_reloads(tmp_path):
+    out = tmp_path / "out"
+    result = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", "--select", "budget:0.5",
+                 "--decomposition", "whitened-svd", "--out", str(out), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "whitened-svd" in (out / "plan.json").read_text()
+    evaluated = run("eval", str(out))
+    assert evaluated.exit_code == 0 and "toy (test): accuracy=" in evaluated.output
+    no_task = run("compress", "toy_models:cnn_factory", "--input-shape", "2,3,16,16", "--decomposition",
+                  "whitened-svd", "--no-progress")
+    assert no_task.exit_code == 2 and "pass a task" in no_task.output
+
+
 def test_compress_refuses_unsafe_outputs(tmp_path):
     out = tmp_path / "out"
     assert run("compress", *TOY, "--out", str(out), "--no-progress").exit_code == 0

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from rankcut.input_statistics import input_grams
+from rankcut.inventory import Candidate
 from rankcut.layers import DECOMPOSITIONS, describe_layer
 from rankcut.layers.info import kernel_of
 
@@ -14,11 +16,17 @@ from toy_models import Conv1D
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-def factorize_full(name: str, module: nn.Module, decomposition: str) -> nn.Module:
-    info = describe_layer("layer", module)
+def factorize_full(name: str, module: nn.Module, decomposition: str, x: torch.Tensor | None = None) -> nn.Module:
+    """``module`` factorized at full rank; a decomposition that needs inputs is whitened by ``x``."""
+    info = describe_layer(name, module)
     decomp = DECOMPOSITIONS[decomposition]
     assert decomp.unsupported_reason(info) is None
-    basis = decomp.basis(kernel_of(module, info))
+    kernel = kernel_of(module, info)
+    if decomp.needs_inputs:
+        candidate = Candidate(info, module, decomp)
+        basis = decomp.basis_from_inputs(kernel, input_grams(module, [candidate], [x], lambda m, b: m(b))[name])
+    else:
+        basis = decomp.basis(kernel)
     bias = None if module.bias is None else module.bias.detach().double()
     return decomp.build(info, decomp.max_rank(info), basis, bias)
 
@@ -44,32 +52,35 @@ def conv_layers(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(layer=conv_layers(), decomposition=st.sampled_from(["svd", "tucker2"]))
+@given(layer=conv_layers(), decomposition=st.sampled_from(["svd", "tucker2", "whitened-svd"]))
 def test_conv_full_rank_matches_dense(layer, decomposition):
     conv, x = layer
-    factorized = factorize_full("conv", conv, decomposition)
+    assume(decomposition != "whitened-svd" or conv.weight.dim() < 5)  # 3-D convs: whitened-svd refuses them
+    factorized = factorize_full("conv", conv, decomposition, x)
     torch.testing.assert_close(factorized(x), conv(x), rtol=1e-10, atol=1e-10)
     assert all(type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) for m in factorized)
 
 
 @settings(max_examples=40, deadline=None)
-@given(n_in=st.integers(1, 12), n_out=st.integers(1, 12), bias=st.booleans())
-def test_linear_full_rank_matches_dense(n_in, n_out, bias):
+@given(n_in=st.integers(1, 12), n_out=st.integers(1, 12), bias=st.booleans(),
+       decomposition=st.sampled_from(["svd", "whitened-svd"]))
+def test_linear_full_rank_matches_dense(n_in, n_out, bias, decomposition):
     linear = nn.Linear(n_in, n_out, bias=bias, dtype=torch.float64)
     x = torch.randn(3, 5, n_in, dtype=torch.float64)
-    factorized = factorize_full("linear", linear, "svd")
+    factorized = factorize_full("linear", linear, decomposition, x)
     torch.testing.assert_close(factorized(x), linear(x), rtol=1e-10, atol=1e-10)
     assert all(type(m) is nn.Linear for m in factorized)
 
 
 @settings(max_examples=20, deadline=None)
-@given(n_in=st.integers(1, 12), n_out=st.integers(1, 12))
-def test_hf_conv1d_full_rank_matches_dense(n_in, n_out):
+@given(n_in=st.integers(1, 12), n_out=st.integers(1, 12), decomposition=st.sampled_from(["svd", "whitened-svd"]))
+def test_hf_conv1d_full_rank_matches_dense(n_in, n_out, decomposition):
     layer = Conv1D(n_out, n_in).double()
     info = describe_layer("c_fc", layer)
     assert info.kind == "hf_conv1d" and (info.in_channels, info.out_channels) == (n_in, n_out)
     x = torch.randn(2, 4, n_in, dtype=torch.float64)
-    torch.testing.assert_close(factorize_full("c_fc", layer, "svd")(x), layer(x), rtol=1e-10, atol=1e-10)
+    factorized = factorize_full("c_fc", layer, decomposition, x)
+    torch.testing.assert_close(factorized(x), layer(x), rtol=1e-10, atol=1e-10)
 
 
 def test_real_transformers_conv1d_is_detected_and_exact():

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import rankcut
+from rankcut.input_statistics import input_grams
 from rankcut.inventory import scan
 from rankcut.joint import LayerCurve, LossAware, LossProbe, gather_statistics, removal_order, substituted
 from rankcut.joint.probing import low_rank_weight
@@ -107,9 +108,18 @@ def _directional_derivative(model, batches, loss, weight: torch.Tensor, directio
     return (up - down) / (2 * step)
 
 
-def test_first_order_statistics_match_finite_differences():
+def _svd_candidates(model, batches, loss, decomposition: str):
+    """The model's layers under ``decomposition`` (svd or whitened-svd, whitened by the batches' inputs)."""
+    candidates = scan(model, decomposition=decomposition).factorizable()
+    if decomposition == "whitened-svd":
+        candidates[0].store.input_grams.update(input_grams(model, candidates, batches, loss))
+    return candidates
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "whitened-svd"])
+def test_first_order_statistics_match_finite_differences(decomposition):
     model, batches, loss = _mixed_setup()
-    candidates = scan(model).factorizable()
+    candidates = _svd_candidates(model, batches, loss, decomposition)
     stats = gather_statistics(model, candidates, batches, loss)
     for candidate in candidates:
         spectrum = candidate.basis()
@@ -228,9 +238,10 @@ def test_statistics_leave_parameters_and_grads_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_prediction_matches_measurement_for_small_perturbations():
+@pytest.mark.parametrize("decomposition", ["svd", "whitened-svd"])
+def test_prediction_matches_measurement_for_small_perturbations(decomposition):
     model, batches, loss = _mixed_setup()
-    candidates = scan(model).factorizable()
+    candidates = _svd_candidates(model, batches, loss, decomposition)
     stats = gather_statistics(model, candidates, batches, loss)
     probe = LossProbe(model, batches, loss)
     for candidate in candidates:

@@ -15,6 +15,7 @@ from rankcut import hf
 from rankcut.bases import BasisStore
 from rankcut.counting import count_macs, count_params
 from rankcut.distributed import Group
+from rankcut.input_statistics import input_grams
 from rankcut.inventory import Candidate, DecompositionSpec, IgnoreSpec, Inventory, scan
 from rankcut.latency import LatencyGuard
 from rankcut.layers import Components, Decomposition, LayerInfo, Rank, get_decomposition
@@ -61,14 +62,15 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
               decomposition: DecompositionSpec = "svd", ignore: IgnoreSpec = (), round_to: int = 1,
               inventory: Inventory | None = None, task: Task | None = None,
               latency_guard: bool | LatencyGuard = False, store: BasisStore | None = None,
-              progress: bool = False) -> Plan:
+              whitening_samples: int = CALIBRATION_SAMPLES, progress: bool = False) -> Plan:
     """Choose a rank for every factorizable layer of ``model``, without changing it.
 
     Loss-aware selectors (``lossless``, ``compact``) measure ``model`` on ``task``'s calibration and
     validation splits; the others only read the weights. ``latency_guard`` also keeps dense every layer
     whose factors measured no faster than it on this machine, on the example inputs' shapes. ``store``
     says where layer bases come from (see ``BasisStore``: disk cache, low memory, randomized SVD). Under
-    ``torchrun`` the processes share the work and all reach this same plan.
+    ``torchrun`` the processes share the work and all reach this same plan. A decomposition that whitens by
+    the inputs (``whitened-svd``) reads them on ``task``'s first ``whitening_samples`` calibration samples.
     """
     selector = parse_selector(select)
     if example_inputs is None and task is not None:
@@ -82,6 +84,8 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
     if guard is not None and group.world > 1:
         raise ValueError("latency_guard times layers in each process, and timings differ between processes: "
                          "run it in a single process, not under torchrun")
+    gather_inputs(model, [c for c in inventory.factorizable() if c.decomposition.needs_inputs], task,
+                  whitening_samples)
     prepare_bases(inventory.factorizable(), group, progress)
     if selector.needs_data:
         if task is None:
@@ -94,6 +98,22 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
     if getattr(selector, "summary", None):
         meta["selection"] = selector.summary
     return Plan(layers, selector.spec, meta)
+
+
+def gather_inputs(model: nn.Module, candidates: Sequence[Candidate], task: Task | None, samples: int) -> None:
+    """Give the layers whose decomposition needs inputs their inputs' Gram matrices, on ``task``'s first
+    ``samples`` calibration samples (each layer once: a store keeps what it was given)."""
+    missing = [c for c in candidates if c.name not in c.store.input_grams]
+    if not missing:
+        return
+    first = missing[0]
+    if task is None:
+        raise ValueError(f"{first.decomposition.name} (layer {first.name!r}) whitens each layer by its calibration "
+                         "inputs: pass a task (task=... or --task), or use a decomposition that reads only weights")
+    if samples < 1:
+        raise ValueError(f"whitening_samples must be positive, got {samples}")
+    first.store.input_grams.update(input_grams(model, missing, task.calibration_batches(samples, BATCH_SIZE),
+                                               task.loss))
 
 
 def prepare_bases(candidates: Sequence[Candidate], group: Group, progress: bool = False) -> None:
@@ -176,11 +196,17 @@ def _bias(module: nn.Module):
 
 
 def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool = False,
-          inventory: Inventory | None = None) -> nn.Module:
-    """Factorize ``model`` exactly as ``plan`` says (a copy unless ``inplace``); the plan is checked first."""
+          inventory: Inventory | None = None, task: Task | None = None,
+          whitening_samples: int = CALIBRATION_SAMPLES) -> nn.Module:
+    """Factorize ``model`` exactly as ``plan`` says (a copy unless ``inplace``); the plan is checked first.
+
+    A plan with ``whitened-svd`` layers needs their calibration inputs: pass the ``task`` it was made with.
+    """
     inventory = inventory or scan(model)
     candidates = {c.name: c for c in inventory.candidates}
     _check_plan_matches(plan, candidates)
+    gather_inputs(model, [candidates[layer.name] for layer in plan.factorized()
+                          if get_decomposition(layer.decomposition).needs_inputs], task, whitening_samples)
     target = model if inplace else copy.deepcopy(model)
     if not inplace:
         modules = dict(target.named_modules())
@@ -206,7 +232,8 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
              evaluate_split: str | None = None, latency_guard: bool | LatencyGuard = False,
              cache_dir: str | os.PathLike | None = None, low_memory: bool = False,
              randomized_above: int | None = None, recalibrate: bool = False,
-             recalibration_samples: int = CALIBRATION_SAMPLES) -> tuple[nn.Module, Report]:
+             recalibration_samples: int = CALIBRATION_SAMPLES,
+             whitening_samples: int = CALIBRATION_SAMPLES) -> tuple[nn.Module, Report]:
     """Factorize ``model``'s layers with ranks from ``select``; return the compressed model and a report.
 
     ``select`` is a spec (``"fixed:0.5"`` keeps ~50% of each factorizable layer's params, ``"rank:32"``,
@@ -222,7 +249,8 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     ``recalibrate=True`` corrects the batch norms after a selector that reads only the weights (``budget``,
     ``fixed`` …), on the task's first ``recalibration_samples`` calibration samples (``rankcut.recalibration``:
     forward passes, no training). ``lossless``/``compact`` do this by themselves: see
-    ``LossAware(recalibrate=)``.
+    ``LossAware(recalibrate=)``. ``decomposition="whitened-svd"`` truncates each layer where its outputs on
+    the task's first ``whitening_samples`` calibration samples change least (SVD-LLM's whitening).
     """
     if data is not None and task is not None and data is not task:
         raise ValueError("pass the task either as task= or as data=, not both")
@@ -238,7 +266,8 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     selector = parse_selector(select)
     recalibration = _recalibration(model, selector, task, recalibration_samples) if recalibrate else None
     plan = make_plan(model, selector, example_inputs=example_inputs, decomposition=decomposition, round_to=round_to,
-                     inventory=inventory, task=task, latency_guard=latency_guard, progress=progress)
+                     inventory=inventory, task=task, latency_guard=latency_guard,
+                     whitening_samples=whitening_samples, progress=progress)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs) if example_inputs is not None else None
     metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}

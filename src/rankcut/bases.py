@@ -40,6 +40,8 @@ class BasisStore:
             cache_dir = self._temporary.name
         self.disk = DiskCache(cache_dir) if cache_dir is not None else None
         self.low_memory, self.randomized_above, self.randomized_share = low_memory, randomized_above, randomized_share
+        # per layer name, the inputs' Gram matrix, for decompositions that need inputs (``input_statistics``)
+        self.input_grams: dict[str, torch.Tensor] = {}
         self.computed = self.cache_hits = self.randomized = self.fallbacks = 0
         self.worst_residual = 0.0
 
@@ -55,7 +57,16 @@ class BasisStore:
 
     def _key(self, info: LayerInfo, decomposition: Decomposition, kernel: torch.Tensor) -> str:
         leading = self.leading(info, decomposition)
-        return digest([kernel], decomposition.name, "exact" if leading is None else f"randomized:{leading}")
+        tensors = [kernel, self._gram(info, decomposition)] if decomposition.needs_inputs else [kernel]
+        return digest(tensors, decomposition.name, "exact" if leading is None else f"randomized:{leading}")
+
+    def _gram(self, info: LayerInfo, decomposition: Decomposition) -> torch.Tensor:
+        """The layer's input Gram matrix, which a decomposition that needs inputs cannot do without."""
+        gram = self.input_grams.get(info.name)
+        if gram is None:
+            raise ValueError(f"layer {info.name!r}: {decomposition.name} needs the layer's calibration inputs; "
+                             "pass a task (compress(..., task=...), apply(..., task=...), --task) or use svd")
+        return gram
 
     def basis(self, info: LayerInfo, decomposition: Decomposition, kernel: torch.Tensor) -> Any:
         """The layer's basis: from the disk cache when there, else computed (and stored when caching)."""
@@ -107,6 +118,8 @@ class BasisStore:
     def _compute(self, info: LayerInfo, decomposition: Decomposition, kernel: torch.Tensor,
                  leading: int | None) -> Any:
         self.computed += 1
+        if decomposition.needs_inputs:
+            return decomposition.basis_from_inputs(kernel, self._gram(info, decomposition).to(kernel.device))
         if leading is None:
             return decomposition.basis(kernel)
         try:

@@ -12,7 +12,7 @@ from click.core import ParameterSource
 
 from rankcut import hf
 from rankcut.api import compress as compress_model
-from rankcut.api import describe_inputs
+from rankcut.api import describe_inputs, gather_inputs
 from rankcut.checkpoint import CheckpointError, prepare_output_dir, save, write_text_atomic
 from rankcut.counting import count_macs, count_params
 from rankcut.distributed import Group, init_from_environment
@@ -57,6 +57,10 @@ def _load(model: str, weights: str | None, task: str | None) -> tuple[ModelSourc
         _fail(str(error))
 
 
+DECOMPOSITION_HELP = ("svd, tucker2, auto (tucker2 for k×k convs, svd for the rest) or whitened-svd (svd of the "
+                      "weights whitened by their inputs on --task's calibration samples: least output error).")
+
+
 @click.group(help="Make trained PyTorch models smaller and faster by low-rank factorization.\n\n" + MODEL_HELP)
 def main() -> None:
     torch.manual_seed(0)
@@ -79,7 +83,7 @@ def _model_options(command):
 
 @main.command(help="List every layer: shape, params, MACs, the decomposition, its full and break-even ranks.")
 @_model_options
-@click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
+@click.option("--decomposition", default="svd", show_default=True, help=DECOMPOSITION_HELP)
 @click.option("--spectrum", is_flag=True, help="Also print per-layer spectra (EVBMF, energy ranks) and plot them.")
 @click.option("--plot", default="spectrum.png", show_default=True, type=click.Path(dir_okay=False),
               help="Where --spectrum writes its PNG.")
@@ -89,6 +93,9 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
     inputs = _example_inputs(source, task_obj, input_shape)
     try:
         inventory = scan(source.model, inputs, decomposition)
+        if spectrum:
+            gather_inputs(source.model, [c for c in inventory.factorizable() if c.decomposition.needs_inputs],
+                          task_obj, CALIBRATION_SAMPLES)
     except ValueError as error:
         _fail(str(error))
     rows = [("layer", "kind", "weight", "params", "MACs", "decomposition", "full rank", "largest paying rank", "note")]
@@ -135,7 +142,7 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--recalibrate/--no-recalibrate", default=None,
               help="Correct batch-norm statistics on the task's calibration samples (no training). Default: on for "
                    "lossless/compact, off for the other selectors (--recalibrate turns it on; needs --task).")
-@click.option("--decomposition", default="svd", show_default=True, help="svd, tucker2 or auto.")
+@click.option("--decomposition", default="svd", show_default=True, help=DECOMPOSITION_HELP)
 @click.option("--ignore", multiple=True, help="Layer name (or prefix module) or type name to keep dense; repeatable.")
 @click.option("--round-to", default=1, show_default=True, type=int, help="Round ranks to a multiple of N.")
 @click.option("--latency-guard", is_flag=True,
@@ -288,7 +295,7 @@ def bench(model: str, weights: str | None, task: str | None, input_shape: str | 
 @click.option("--orth", default=0.0, show_default=True, type=float, help="Weight λ of the orthogonality penalty.")
 @click.option("--sparsity", default=0.0, show_default=True, type=float, help="Weight μ of the spectrum-spread term.")
 @click.option("--select", default="evbmf", show_default=True, help="Selector that compresses the trained model.")
-@click.option("--decomposition", default="auto", show_default=True, help="svd, tucker2 or auto.")
+@click.option("--decomposition", default="auto", show_default=True, help=DECOMPOSITION_HELP)
 @click.option("--round-to", default=1, show_default=True, type=int, help="Round ranks to a multiple of N.")
 @click.option("--finetune-epochs", default=0, show_default=True, type=int, help="Fine-tune epochs after compressing.")
 @click.option("--finetune-lr", default=0.01, show_default=True, type=float)

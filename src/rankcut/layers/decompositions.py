@@ -45,6 +45,7 @@ class Decomposition(ABC):
 
     name: ClassVar[str]
     supports_components: ClassVar[bool] = False  # can keep any subset of components, not only the leading ones
+    needs_inputs: ClassVar[bool] = False  # its basis also depends on the layer's calibration inputs
 
     def __init_subclass__(cls, *, name: str, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -98,6 +99,10 @@ class Decomposition(ABC):
     @abstractmethod
     def spectra(self, basis: Any) -> list[Spectrum]:
         """One spectrum per rank component (SVD: the matrix's; Tucker-2: the output and input unfoldings')."""
+
+    def basis_from_inputs(self, kernel: torch.Tensor, gram: torch.Tensor) -> Any:
+        """The basis of a decomposition that ``needs_inputs``, from the weights and the inputs' Gram matrix."""
+        raise ValueError(f"{self.name} reads only the weights; call basis(kernel)")
 
     def leading_components(self, rank: Rank) -> Components:
         """The kept components of plain truncation at ``rank`` (``supports_components`` decompositions)."""
@@ -259,6 +264,26 @@ class SVD(Decomposition, name="svd"):
             _fill(first, B)
             _fill(second, A, bias)
         return Factorized([first, second], self.name, rank)
+
+
+class WhitenedSVD(SVD, name="whitened-svd"):
+    """Truncated SVD of the weight whitened by its calibration inputs (SVD-LLM): the truncation that loses
+    the least output on those inputs. Same factor modules as svd; ``basis_from_inputs`` needs the inputs'
+    Gram matrix (``rankcut.input_statistics``), so compressing with it needs calibration data."""
+
+    needs_inputs = True
+
+    def unsupported_reason(self, info: LayerInfo) -> str | None:
+        if info.is_conv and info.spatial_dims == 3:
+            return "3-D conv: whitened-svd gathers input patches of 1-D and 2-D convs only; use svd"
+        return super().unsupported_reason(info)
+
+    def basis(self, kernel: torch.Tensor, leading: int | None = None) -> Spectrum:
+        raise ValueError("whitened-svd needs the layer's calibration inputs: use basis_from_inputs "
+                         "(compress, make_plan and apply gather them from a task)")
+
+    def basis_from_inputs(self, kernel: torch.Tensor, gram: torch.Tensor) -> Spectrum:
+        return Spectrum.whitened(kernel.reshape(kernel.shape[0], kernel.shape[1], -1), gram)
 
 
 class Tucker2(Decomposition, name="tucker2"):

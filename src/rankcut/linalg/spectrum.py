@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 VectorLoader = Callable[[str], torch.Tensor]
+# share of the Gram matrix's mean diagonal added before whitening (see ``Spectrum.whitened``)
+WHITENING_RIDGE = 1e-4
 
 
 class RandomizedSVDError(ValueError):
@@ -15,7 +17,8 @@ class RandomizedSVDError(ValueError):
 
 
 class Spectrum:
-    """SVD ``M[g] = U[g] diag(S[g]) Vh[g]`` of ``g`` stacked matrices (one per conv group).
+    """SVD ``M[g] = U[g] diag(S[g]) Vh[g]`` of ``g`` stacked matrices (one per conv group), or of the matrices
+    whitened by their inputs (``whitened``: then ``Vh`` holds right factors and energies are output energies).
 
     Computed once; ``factors(r)`` and ``relative_error(r)`` are slices, so trying many ranks costs nothing.
     A *partial* spectrum (from ``randomized``) holds only the leading components but knows each matrix's
@@ -53,6 +56,35 @@ class Spectrum:
         matrices = _checked(matrices)
         U, S, Vh = torch.linalg.svd(matrices.to(torch.float64), full_matrices=False)
         return cls(U, S, Vh)
+
+    @classmethod
+    def whitened(cls, matrices: torch.Tensor, gram: torch.Tensor, ridge: float = WHITENING_RIDGE) -> Spectrum:
+        """SVD of ``M[g] L[g]`` with ``L Lᵀ = X Xᵀ``, the inputs' Gram matrix: truncation error in the outputs.
+
+        Dropping σ_i changes ``M X`` by exactly σ_i in Frobenius norm (SVD-LLM's truncation-aware whitening),
+        so ``energy`` and ``relative_error`` measure output error on those inputs, ‖(M − M_r)X‖/‖M X‖.
+        ``Vh`` then holds the right factors ``V_iᵀ L⁻¹`` (not orthonormal) and ``U diag(S) Vh`` is still M.
+        ``gram`` is (g, n, n) or (n, n); ``ridge`` × its mean diagonal is added so that inputs that never
+        vary (dead channels, padding) keep it positive definite.
+        """
+        matrices = _checked(matrices).to(torch.float64)
+        gram = _checked(gram).to(torch.float64)
+        g, _, n = matrices.shape
+        if gram.shape != (g, n, n):
+            raise ValueError(f"the Gram matrix must be ({g}, {n}, {n}) for matrices of shape "
+                             f"{tuple(matrices.shape)}, got {tuple(gram.shape)}")
+        if ridge < 0:
+            raise ValueError(f"ridge must be non-negative, got {ridge}")
+        scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp(min=torch.finfo(torch.float64).tiny)
+        identity = torch.eye(n, dtype=torch.float64, device=gram.device)
+        lower, info = torch.linalg.cholesky_ex(gram + (ridge * scale)[:, None, None] * identity)
+        if int(info.max()) > 0:
+            raise ValueError("the Gram matrix is not positive definite even with the ridge; "
+                             f"raise the ridge (now {ridge:g}) or use the plain SVD")
+        U, S, Vh = torch.linalg.svd(matrices @ lower, full_matrices=False)
+        # right factors Vh L⁻¹: solve R L = Vh, i.e. Lᵀ Rᵀ = Vhᵀ (upper triangular)
+        right = torch.linalg.solve_triangular(lower.transpose(1, 2), Vh.transpose(1, 2), upper=True).transpose(1, 2)
+        return cls(U, S, right)
 
     @classmethod
     def randomized(cls, matrices: torch.Tensor, rank: int, *, oversample: int = 10, power_iterations: int = 4,
