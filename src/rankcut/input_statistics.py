@@ -7,7 +7,7 @@ matrix into a basis whose truncation error is the error of the layer's outputs o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -16,8 +16,8 @@ from torch.nn import functional as F
 
 from rankcut.inventory import Candidate
 from rankcut.layers import LayerInfo
-
-Forward = Callable[[nn.Module, Any], Any]  # runs the model on one batch, e.g. a task's loss
+from rankcut.layers.info import padded_like
+from rankcut.tasks.base import Forward
 
 
 def conv_patches(module: nn.Module, info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
@@ -26,12 +26,7 @@ def conv_patches(module: nn.Module, info: LayerInfo, x: torch.Tensor) -> torch.T
     if info.spatial_dims not in (1, 2):
         raise ValueError(f"layer {info.name!r}: input patches of a {info.spatial_dims}-D conv are not supported")
     kernel, stride, dilation = (tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation))
-    if isinstance(module.padding, str) or module.padding_mode != "zeros":  # pad as the layer does ("same" too)
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * info.spatial_dims
-    else:
-        padding = tuple(module.padding)
+    x, padding = padded_like(module, x)
     if info.spatial_dims == 1:  # a 1-D conv is a 2-D conv over a height of one
         x, kernel, stride, dilation, padding = (x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation),
                                                 (0, *padding))
@@ -50,7 +45,8 @@ class _GramAccumulator:
     def __call__(self, _module: nn.Module, inputs: tuple[Any, ...], _output: Any) -> None:
         x = inputs[0].detach()
         rows = conv_patches(self.module, self.info, x) if self.info.is_conv else x.reshape(-1, 1, x.shape[-1])
-        rows = rows.transpose(0, 1).float()  # (g, positions, columns)
+        rows = rows.transpose(0, 1)  # (g, positions, columns), multiplied in float32 or the model's wider dtype
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
         gram = (rows.transpose(1, 2) @ rows).double()
         self.total = gram if self.total is None else self.total + gram
         self.count += rows.shape[1]

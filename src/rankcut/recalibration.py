@@ -11,7 +11,7 @@ change keeps its statistics exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-Forward = Callable[[nn.Module, Any], Any]  # runs the model on one batch, e.g. a task's loss
+from rankcut.tasks.base import Forward
+
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]  # batch norm name -> (running mean, running var)
 
 

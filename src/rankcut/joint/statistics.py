@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from rankcut.inventory import Candidate
 from rankcut.layers import Rank
+from rankcut.layers.info import padded_like
 from rankcut.linalg import Spectrum, TuckerBasis
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -128,12 +129,8 @@ class _Projector(_PerSampleRows):
 
 def _conv_as(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
     """``module``'s convolution (stride, padding incl. its mode, dilation) with another weight and group count."""
-    conv = _CONVS[weight.dim() - 3]
-    padding = module.padding
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    return conv(x, weight, None, module.stride, padding, module.dilation, groups)
+    x, padding = padded_like(module, x)
+    return _CONVS[weight.dim() - 3](x, weight, None, module.stride, padding, module.dilation, groups)
 
 
 class _TuckerProjector(_PerSampleRows):

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.lazy import LazyModuleMixin
 
 _CONV_KINDS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
@@ -126,6 +127,15 @@ def describe_layer(name: str, module: nn.Module) -> LayerInfo | None:
                 module.bias is not None, module.weight.dtype, module.weight.device, options,
             )
     return None
+
+
+def padded_like(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``x`` padded as ``conv`` pads its input, and the padding still to pass to a plain conv of that geometry:
+    modes other than zeros and the string paddings ("same", "valid") are applied here, leaving none."""
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), (0,) * len(conv.kernel_size)
+    return x, tuple(conv.padding)
 
 
 def bias_of(module: nn.Module) -> torch.Tensor | None:

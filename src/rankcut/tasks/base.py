@@ -7,7 +7,7 @@ object with the same attributes (``module:function`` on the command line).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 
 # Inputs a model is called with: one tensor, a tuple of positional arguments, or keyword arguments.
 ModelInputs = torch.Tensor | tuple[Any, ...] | Mapping[str, Any]
+Forward = Callable[[nn.Module, Any], Any]  # runs a model on one batch, e.g. a task's loss
 
 SPLITS = ("calibration", "validation", "test")
 # what callers ask ``calibration_batches`` for by default (loss-aware selection, batch-norm recalibration)
