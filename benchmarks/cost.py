@@ -77,7 +77,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", choices=sorted(ZOO))
-    parser.add_argument("--probe-samples", type=int, help="calibration samples per probe (default: compact's, 128)")
+    parser.add_argument("--probe-samples", type=int, help="calibration samples per probe (default: all)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)

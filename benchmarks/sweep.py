@@ -111,12 +111,11 @@ def run(model_name: str, budgets: list[float], methods: list[str], repeats: int,
                                          f"budget:params={f}, decomposition whitened-svd, batch norms recalibrated"),
         "lossless-whitened": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
                                                                              progress=False), "whitened-svd"),
-        "compact-whitened": lambda f: _loss_aware(original, task, LossAware("compact", probe_samples=probe_samples,
-                                                                            progress=False), "whitened-svd"),
-        "compact": lambda f: _loss_aware(original, task, LossAware("compact", probe_samples=probe_samples,
-                                                                   progress=False)),
-        "compact-metric": lambda f: _loss_aware(original, task, LossAware("compact", probe_samples=probe_samples,
-                                                                          criterion="metric", progress=False)),
+        "compact-whitened": lambda f: _loss_aware(original, task, LossAware("compact", progress=False),
+                                                    "whitened-svd"),
+        "compact": lambda f: _loss_aware(original, task, LossAware("compact", progress=False)),
+        "compact-metric": lambda f: _loss_aware(original, task, LossAware("compact", criterion="metric",
+                                                                          progress=False)),
     }
     sizeless = [m for m in methods if m in SIZELESS]  # they choose their own size: one run each
     runs = [(f, m) for f in budgets for m in methods if m not in SIZELESS] + [(None, m) for m in sizeless]
@@ -173,8 +172,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--probe-samples", type=int, help="lossless/compact: calibration samples per probe "
-                        "(default: the selector's, 512 lossless and 128 compact; make bench uses 128)")
+    parser.add_argument("--probe-samples", type=int, help="lossless rows: calibration samples per probe (default: "
+                        "all 512; make bench uses 128 for time). compact rows always probe on all of them")
     parser.add_argument("--append", action="store_true", help="merge into --out, replacing rows of these methods")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

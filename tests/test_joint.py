@@ -13,7 +13,7 @@ import rankcut
 from rankcut.input_statistics import input_grams
 from rankcut.inventory import scan
 from rankcut.joint import LayerCurve, LossAware, LossProbe, gather_statistics, removal_order, substituted
-from rankcut.joint.probing import low_rank_weight
+from rankcut.joint.probing import low_rank_weight, spread_batches
 from rankcut.plan import Plan
 from rankcut.recalibration import BatchNormRecalibration
 
@@ -415,3 +415,12 @@ def test_statistics_of_a_layer_called_twice_per_forward(decomposition):
     direction = (low_rank_weight(candidate, kept) - candidate.module.weight).detach()
     derivative = _directional_derivative(model, batches, loss, candidate.module.weight, direction)
     assert -stats.a[:, n - 1:].sum(1).mean().item() == pytest.approx(derivative, rel=1e-5, abs=1e-9)
+
+
+def test_probe_batches_are_spread_over_the_calibration_batches() -> None:
+    batches = list(range(8))  # e.g. sorted by length: a prefix would probe only the shortest
+    assert spread_batches(batches, samples=128, batch_size=64) == [2, 6]
+    assert spread_batches(batches, samples=100, batch_size=64) == [2, 6]  # whole batches: rounded up
+    assert spread_batches(batches, samples=1, batch_size=64) == [4]
+    assert spread_batches(batches, samples=512, batch_size=64) == batches
+    assert spread_batches(batches, samples=4096, batch_size=64) == batches

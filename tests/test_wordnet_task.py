@@ -130,6 +130,20 @@ def test_loss_is_finite_and_reaches_the_parameters(task: WordNetGlossTask, model
 
 
 @needs_wordnet
+def test_calibration_batches_hold_the_first_samples_fewest_gloss_tokens_first(task: WordNetGlossTask) -> None:
+    expected = sorted(task.splits["calibration"][:12],
+                      key=lambda synset: task.tokenize([synset.definition])["input_ids"].shape[1])
+    batches = list(task.calibration_batches(num_samples=12, batch_size=5))
+    assert len(batches) == 3
+    for index, (gloss, lemma) in enumerate(batches):  # each gloss stays paired with its own lemma
+        chunk = expected[5 * index : 5 * index + 5]
+        assert torch.equal(gloss["input_ids"], task.tokenize([s.definition for s in chunk])["input_ids"])
+        assert torch.equal(lemma["input_ids"], task.tokenize([s.lemma for s in chunk])["input_ids"])
+    widths = [gloss["input_ids"].shape[1] for gloss, _ in batches]
+    assert widths == sorted(widths)  # short glosses are not padded to the longest one
+
+
+@needs_wordnet
 def test_example_inputs_and_embed_call_the_model(task: WordNetGlossTask, model: nn.Module) -> None:
     inputs = task.example_inputs()
     assert {"input_ids", "attention_mask"} <= set(inputs)

@@ -136,7 +136,7 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=int,
               help="lossless/compact: calibration batch size.")
 @click.option("--probe-samples", type=int,
-              help="lossless/compact: calibration samples each probe measures (default: 512 lossless, 128 compact).")
+              help="lossless/compact: calibration samples each probe measures (default: all of them).")
 @click.option("--confidence", default=2.0, show_default=True, type=float,
               help="lossless/compact: standard errors added to each cut's estimated loss change (0: none).")
 @click.option("--recalibrate/--no-recalibrate", default=None,

@@ -45,6 +45,17 @@ def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Componen
             candidates[name].module.weight.data = weight
 
 
+def spread_batches(batches: Sequence[Any], samples: int, batch_size: int) -> list[Any]:
+    """Enough batches for ``samples`` samples, taken at evenly spaced positions of ``batches`` (centred).
+
+    A loader may order its batches (the WordNet task sorts glosses by length to pad less); a prefix would
+    then measure only the shortest ones, while the Taylor predictions the probes are compared with average
+    over all calibration batches.
+    """
+    count = min(len(batches), max(1, -(-samples // batch_size)))
+    return [batches[int((index + 0.5) * len(batches) / count)] for index in range(count)]
+
+
 class LossProbe:
     """Mean loss over a fixed list of calibration batches, and its change when layers are truncated."""
 

@@ -31,7 +31,7 @@ from rankcut.distributed import Group
 from rankcut.inventory import Candidate
 from rankcut.joint import memo
 from rankcut.joint.curves import ORDERS, LayerCurve
-from rankcut.joint.probing import LossProbe, substituted
+from rankcut.joint.probing import LossProbe, spread_batches, substituted
 from rankcut.joint.statistics import ComponentStats, gather_statistics
 from rankcut.layers import Rank
 from rankcut.linalg import Spectrum
@@ -57,9 +57,9 @@ class LossAware(Selector):
     (svd layers; a tucker2 layer always follows its path of rank pairs, leading components kept).
     ``confidence`` (default 2): standard errors of the per-sample loss change added to every cut's estimate
     before layers compete (an upper confidence bound); 0 trusts the calibration means as they are.
-    ``probe_samples`` (default: 512 for lossless, 128 for compact, at most ``calibration_samples``): the
-    calibration samples each probe measures the loss on. compact checks every candidate size on validation,
-    so its probes only shape the path and fewer suffice.
+    ``probe_samples`` (default: every calibration sample): the calibration samples each probe measures the
+    loss on (whole batches, evenly spaced over the calibration batches). Fewer are faster, but compact's
+    calibration check then refuses sizes on sampling noise (ResNet-20 kept 100% with 128, 92.5% with 512).
     ``recalibrate`` (default on): the plans checked on validation, the plans of compact's calibration search
     and the built model (``finish``) get their batch-norm statistics corrected on the calibration samples
     (``rankcut.recalibration``: forward passes only, no weight changes). Per-layer probes measure truncation
@@ -84,7 +84,7 @@ class LossAware(Selector):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if probe_samples is None:
-            probe_samples = 512 if mode == "lossless" else 128
+            probe_samples = calibration_samples
         if min(calibration_samples, batch_size, probe_samples) < 1:
             raise ValueError("calibration_samples, batch_size and probe_samples must be positive")
         if not confidence >= 0:
@@ -125,7 +125,7 @@ class LossAware(Selector):
         start = time.perf_counter()
         group = Group.current()
         batches = list(self.task.calibration_batches(self.calibration_samples, self.batch_size))
-        probe_batches = batches[: max(1, -(-self.probe_samples // self.batch_size))]
+        probe_batches = spread_batches(batches, self.probe_samples, self.batch_size)
         probe = LossProbe(self.model, probe_batches, self.task.loss, group)
         self._recalibration = self._search_recalibration = None
         if self.recalibrate and batch_norms(self.model):
