@@ -35,7 +35,8 @@ def conv_patches(module: nn.Module, info: LayerInfo, x: torch.Tensor) -> torch.T
 
 
 class _GramAccumulator:
-    """Sums ``x xᵀ`` of one layer's inputs over every call, per group, in float64."""
+    """Sums ``x xᵀ`` of one layer's inputs over every call, per group: each call's product in float32 (or the
+    model's wider dtype), the running sum in float64."""
 
     def __init__(self, candidate: Candidate) -> None:
         self.info, self.module = candidate.info, candidate.module

@@ -131,7 +131,9 @@ class LossAware(Selector):
         if self.recalibrate and batch_norms(self.model):
             self._recalibration = BatchNormRecalibration(self.model, batches, self.task.loss)
             if self.mode == "compact":  # its search measures whole plans, recalibrated on the probe batches
-                self._search_recalibration = BatchNormRecalibration(self.model, probe_batches, self.task.loss)
+                self._search_recalibration = (
+                    self._recalibration if len(probe_batches) == len(batches)  # the default: the same batches
+                    else BatchNormRecalibration(self.model, probe_batches, self.task.loss))
         paths = {c.name: self._path(c, policy) for c in candidates if not isinstance(c.basis(), Spectrum)}
         disk = candidates[0].store.disk if candidates else None
         key = (memo.statistics_key(self.model, [c.name for c in candidates], batches,
