@@ -308,6 +308,45 @@ def test_lossless_respects_its_budget(fraction):
     assert checks == ["original", "loss-aware", "energy budget"]
 
 
+class PooledModel(nn.Module):
+    """The planted model plus a pooler that runs on every call but that the task's loss never reads."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body, self.pooler = body, nn.Linear(6, 40)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.body(x)
+        return out, self.pooler(out)
+
+
+class PooledTask(PlantedTask):
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return PooledModel(super().build_model()).eval()
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return ((model(batch)[0] - self.teacher(batch)) ** 2).sum(1).mean()
+
+
+def test_layers_the_loss_does_not_read_take_the_energy_plans_share():
+    task = PooledTask()
+    model = task.build_model()
+    selector = LossAware("lossless", 0.5, calibration_samples=256, batch_size=64, progress=False)
+    plan = rankcut.make_plan(model, selector, task=task)
+    budget = rankcut.make_plan(model, "budget:0.5", task=task)
+    assert plan["pooler"].rank == budget["pooler"].rank is not None
+    assert "does not depend on this layer" in plan["pooler"].reason
+    layers = [layer for layer in plan.layers if layer.supported]
+    kept = sum(layer.params_after for layer in layers) / sum(layer.params_before for layer in layers)
+    assert 0.45 <= kept <= 0.5
+    checks = {check["plan"]: check["cost"] for check in plan.meta["selection"]["validation_checks"]}
+    assert checks["energy budget"] == sum(layer.params_after for layer in budget.layers if layer.supported)
+    compact = rankcut.make_plan(model, LossAware("compact", calibration_samples=256, batch_size=64,
+                                                 progress=False), task=task)
+    assert compact["pooler"].rank is None and "kept dense" in compact["pooler"].reason
+
+
 def test_loss_aware_selectors_need_a_task_and_a_size():
     model = ToyCNN()
     with pytest.raises(ValueError, match="pass task"):

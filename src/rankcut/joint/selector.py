@@ -100,7 +100,10 @@ class LossAware(Selector):
         self.model: nn.Module | None = None
         self.task: Any = None
         self.summary: dict[str, Any] = {}
-        self._active_fraction: float | None = fraction
+        self._target = 0.0  # lossless: the cost the layers the loss depends on may keep
+        self._inert: dict[str, Candidate] = {}
+        self._inert_plan: dict[str, Option] = {}
+        self._energy: dict[str, Option] = {}
         self._validation_seconds = 0.0
         self._recalibration: BatchNormRecalibration | None = None
         self._search_recalibration: BatchNormRecalibration | None = None
@@ -146,8 +149,8 @@ class LossAware(Selector):
             measured: dict[str, dict[int, float]] = {}
         else:
             stats, measured = cached
-        inert = [c.name for c in candidates if c.name not in stats]
-        self._active_fraction = self._fraction_of_active(candidates, stats)
+        inert = {c.name: c for c in candidates if c.name not in stats}
+        self._size_inert_layers(candidates, inert, policy)
         candidates = [c for c in candidates if c.name in stats]
         by_name = {c.name: c for c in candidates}
         tolerance = 1e-3 * abs(probe.baseline)
@@ -184,8 +187,7 @@ class LossAware(Selector):
         }
         choices = {name: self._choice(curves[name], chosen[name], tolerance, source, policy) for name in by_name}
         for name in inert:
-            choices[name] = Choice(None, f"{self.spec}: kept dense, the task's loss does not depend on this layer "
-                                         "(e.g. a pooler the task does not use)")
+            choices[name] = self._inert_choice(name)
         return choices
 
     def finish(self, model: nn.Module) -> dict[str, Any] | None:
@@ -218,16 +220,37 @@ class LossAware(Selector):
                 stats[candidate.name] = ComponentStats(candidate.name, gathered, path)
         return stats
 
-    def _fraction_of_active(self, candidates: Sequence[Candidate], stats: Mapping[str, Any]) -> float | None:
-        """The lossless budget as a share of the layers the loss depends on (the others stay dense)."""
+    def _size_inert_layers(self, candidates: Sequence[Candidate], inert: Mapping[str, Candidate],
+                           policy: RankPolicy) -> None:
+        """Size the layers the task's loss does not depend on, and set what the others may keep.
+
+        lossless gives them the ranks of the energy budget plan of every layer, so they take the share the
+        ``budget`` selector gives them, and that plan is exactly the alternative ``_verify`` checks. compact
+        keeps them dense: the loss says nothing about what they may lose.
+        """
+        self._inert, self._inert_plan, self._energy = dict(inert), {}, {}
         if self.fraction is None:
-            return None
-        total = sum(self._cost(c, None) for c in candidates)
-        inert = sum(self._cost(c, None) for c in candidates if c.name not in stats)
-        if inert >= self.fraction * total:
-            raise ValueError(f"{self.spec} cannot be met: layers the loss does not depend on already hold "
-                             f"{inert / total:.1%} of the factorizable {self.metric}")
-        return (self.fraction * total - inert) / (total - inert)
+            return
+        try:
+            budget = Budget(self.fraction, self.metric).choose(list(candidates), policy)
+        except ValueError as error:
+            raise ValueError(f"{self.spec}: {error}") from error
+        for candidate in candidates:
+            rank = budget[candidate.name].rank
+            components = candidate.decomposition.leading_components(rank) if rank is not None else None
+            self._energy[candidate.name] = Option(rank, self._cost(candidate, rank), 0.0, components,
+                                                  budget[candidate.name].reason)
+        self._inert_plan = {name: self._energy[name] for name in inert}
+        self._target = (self.fraction * sum(self._cost(c, None) for c in candidates)
+                        - sum(option.cost for option in self._inert_plan.values()))
+
+    def _inert_choice(self, name: str) -> Choice:
+        """The choice for a layer the task's loss does not depend on (see ``_size_inert_layers``)."""
+        why = f"{self.spec}: the task's loss does not depend on this layer (e.g. a pooler the task does not use)"
+        option = self._inert_plan.get(name)
+        if option is None or option.rank is None:
+            return Choice(None, f"{why}: kept dense")
+        return Choice(option.rank, f"{why}: sized by the energy budget plan of every layer; {option.note}")
 
     def _probe_initial(self, curves: Mapping[str, LayerCurve], probe: LossProbe) -> None:
         """Measure each layer alone at half and a quarter of its params kept (where those ranks exist)."""
@@ -266,10 +289,10 @@ class LossAware(Selector):
         if self.mode == "lossless":
             total = sum(opts[0].cost for opts in options.values())
             cheapest = sum(min(o.cost for o in opts) for opts in options.values())
-            if cheapest > self._active_fraction * total:
+            if cheapest > self._target:
                 raise ValueError(f"{self.spec} cannot be met: even the smallest ranks that pay off keep "
-                                 f"{cheapest / total:.1%} of the factorizable {self.metric}")
-            return walk_to_budget(options, self._active_fraction * total)
+                                 f"{cheapest / total:.1%} of the factorizable {self.metric} the loss depends on")
+            return walk_to_budget(options, self._target)
         start, steps = greedy_path(options)
         return self._prefix(start, steps, self._feasible_position(start, steps))
 
@@ -319,7 +342,7 @@ class LossAware(Selector):
         """
         baseline = self._validate(candidates, {}, "original", checks)
         if self.mode == "lossless":
-            alternative = self._energy_plan(candidates, policy)
+            alternative = {name: self._energy[name] for name in candidates}  # the budget plan, these layers
             ours = self._validate(candidates, chosen, LOSS_AWARE, checks)
             theirs = self._validate(candidates, alternative, ENERGY, checks)
             return (chosen, LOSS_AWARE) if self._score(ours) >= self._score(theirs) else (alternative, ENERGY)
@@ -386,21 +409,12 @@ class LossAware(Selector):
         """The kept components of every factorized layer of a plan."""
         return {name: option.components for name, option in plan.items() if option.rank is not None}
 
-    def _energy_plan(self, candidates: Mapping[str, Candidate], policy: RankPolicy) -> dict[str, Option]:
-        """The energy-based budget plan at the same size, as options (truncation: leading components)."""
-        budget = Budget(self._active_fraction, self.metric).choose(list(candidates.values()), policy)
-        plan = {}
-        for name, choice in budget.items():
-            rank = choice.rank
-            components = candidates[name].decomposition.leading_components(rank) if rank is not None else None
-            plan[name] = Option(rank, self._cost(candidates[name], rank), 0.0, components, choice.reason)
-        return plan
-
     def _validate(self, candidates: Mapping[str, Candidate], plan: Mapping[str, Option], label: str,
                   checks: list[dict[str, Any]]) -> dict[str, float]:
         begin = time.perf_counter()
+        plan = {**self._inert_plan, **plan} if plan else {}  # the model the plan builds, inert layers included
         kept = self._kept(plan)
-        with substituted(candidates, kept), self._recalibrated(self._recalibration, kept):
+        with substituted({**candidates, **self._inert}, kept), self._recalibrated(self._recalibration, kept):
             metrics = Group.current().broadcast_metrics(self.task.evaluate(self.model, "validation"))
         self._validation_seconds += time.perf_counter() - begin
         total = sum(option.cost for option in plan.values()) if plan else None
