@@ -1,7 +1,7 @@
 # `make demo` compresses the built-in real model on real data; `make test` runs lint and the test suite;
 # `make bench` runs the default benchmark sweep (ResNet-20 and MiniLM, two budgets, every method) into
-# runs/bench/: about 10 minutes on 2 cores (595 s on 2026-11-23, a package reinstall included). All install what
-# they need first (Debian datasets + .venv).
+# runs/bench/, every selector at its defaults: about 20 minutes on 2 cores (benchmarks/PREAMBLE.md has the last
+# timing). All install what they need first (Debian datasets + .venv).
 VENV := .venv
 STAMP := $(VENV)/.installed
 
@@ -29,7 +29,7 @@ test: lint
 bench: $(STAMP)
 	mkdir -p $(BENCH_OUT)
 	for model in $(BENCH_MODELS); do \
-		$(VENV)/bin/python benchmarks/sweep.py $$model --budgets $(BENCH_BUDGETS) --probe-samples 128 \
+		$(VENV)/bin/python benchmarks/sweep.py $$model --budgets $(BENCH_BUDGETS) \
 			--out $(BENCH_OUT)/$$model.json || exit 1; \
 	done
 	$(VENV)/bin/python benchmarks/report.py $(BENCH_OUT)/*.json --out $(BENCH_OUT)/RESULTS.md
