@@ -14,6 +14,7 @@ from rankcut.input_statistics import input_grams
 from rankcut.inventory import scan
 from rankcut.joint import LayerCurve, LossAware, LossProbe, gather_statistics, removal_order, substituted
 from rankcut.joint.probing import low_rank_weight, spread_batches
+from rankcut.layers import Fit
 from rankcut.plan import Plan
 from rankcut.recalibration import BatchNormRecalibration
 
@@ -200,7 +201,11 @@ def test_tucker2_plans_build_what_was_measured(select, recalibrate, tmp_path):
     kept = {}
     for layer in factorized:
         assert layer.decomposition == "tucker2"
-        assert "channel components" in layer.reason or "energy budget plan" in layer.reason
+        if layer.components is None:  # the energy plan won validation: HOOI at its ranks, as budget builds it
+            assert "energy budget plan" in layer.reason
+            kept[layer.name] = Fit(tuple(layer.rank))
+            continue
+        assert "channel components" in layer.reason
         out_modes, in_modes = layer.components
         assert (len(out_modes), len(in_modes)) == layer.rank
         kept[layer.name] = (tuple(out_modes), tuple(in_modes))
@@ -215,6 +220,22 @@ def test_tucker2_plans_build_what_was_measured(select, recalibrate, tmp_path):
     rankcut.save(compressed, tmp_path / "out")
     restored = rankcut.load(tmp_path / "out", model=task.build_model())
     assert torch.equal(restored(x), compressed(x))
+
+
+@pytest.mark.parametrize(("decomposition", "name", "rank"),
+                         [("tucker2", "down", (5, 3)), ("tucker2", "grouped", (4, 6)), ("svd", "head.1", 7)])
+def test_a_fit_is_measured_as_it_is_built(decomposition, name, rank):
+    """``Fit(rank)``, how lossless measures its energy plan, swaps in the weight ``build`` makes without
+    components (tucker2: the HOOI refit, not the projection), and a plan records no components for it."""
+    torch.manual_seed(0)
+    candidate = {c.name: c for c in scan(ToyCNN().double(), decomposition=decomposition).factorizable()}[name]
+    decomposition = candidate.decomposition
+    built = decomposition.build(candidate.info, rank, candidate.basis()).double()
+    torch.testing.assert_close(low_rank_weight(candidate, Fit(rank)), built.weight, rtol=1e-9, atol=1e-12)
+    assert decomposition.plan_components(rank, Fit(rank)) is None
+    if decomposition.name == "tucker2":
+        projected = low_rank_weight(candidate, decomposition.leading_components(rank))
+        assert (projected - built.weight).abs().max() > 1e-6  # HOOI moved the bases
 
 
 @pytest.mark.parametrize("components", [[[0, 1], [0]], [[0, 1, 2], [0, 0]], [0, 1, 2], [[0, 1, 2], [0, 99]]])

@@ -17,11 +17,11 @@ from torch import nn
 from rankcut.distributed import Group
 from rankcut.inventory import Candidate
 from rankcut.joint.statistics import LossFn
-from rankcut.layers import Components
+from rankcut.layers import Components, Fit
 
 
-def low_rank_weight(candidate: Candidate, kept: Components) -> torch.Tensor:
-    """The layer's weight rebuilt from its ``kept`` components, in the module's layout and dtype."""
+def low_rank_weight(candidate: Candidate, kept: Components | Fit) -> torch.Tensor:
+    """The layer's weight rebuilt from its ``kept`` components (or its ``Fit``), in the module's layout and dtype."""
     info = candidate.info
     matrices = candidate.decomposition.reconstruct(candidate.basis(), kept)
     kernel = matrices.reshape(info.out_channels, info.in_per_group, *info.kernel_size)
@@ -31,7 +31,7 @@ def low_rank_weight(candidate: Candidate, kept: Components) -> torch.Tensor:
 
 
 @contextmanager
-def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Components]) -> Iterator[None]:
+def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Components | Fit]) -> Iterator[None]:
     """Within the block, each named layer's weight keeps only its ``kept`` components; restored afterwards."""
     originals = {}
     try:
@@ -85,7 +85,7 @@ class LossProbe:
                 raise ValueError(f"probe loss is {value}: a truncated layer broke the model's numerics")
         return value
 
-    def change(self, candidates: Mapping[str, Candidate], kept: Mapping[str, Components], strict: bool = True,
+    def change(self, candidates: Mapping[str, Candidate], kept: Mapping[str, Components | Fit], strict: bool = True,
                within: AbstractContextManager[Any] | None = None) -> float:
         """Measured loss change when the named layers keep only the given components (see ``measure``);
         ``within``: a context entered after the substitution, e.g. batch-norm recalibration of the result."""

@@ -33,7 +33,7 @@ from rankcut.joint import memo
 from rankcut.joint.curves import ORDERS, LayerCurve
 from rankcut.joint.probing import LossProbe, spread_batches, substituted
 from rankcut.joint.statistics import ComponentStats, gather_statistics
-from rankcut.layers import Rank
+from rankcut.layers import Fit, Rank
 from rankcut.linalg import Spectrum
 from rankcut.recalibration import BatchNormRecalibration, batch_norms
 from rankcut.selectors.allocation import Option, greedy_path, walk_to_budget
@@ -235,11 +235,10 @@ class LossAware(Selector):
             budget = Budget(self.fraction, self.metric).choose(list(candidates), policy)
         except ValueError as error:
             raise ValueError(f"{self.spec}: {error}") from error
-        for candidate in candidates:
-            rank = budget[candidate.name].rank
-            components = candidate.decomposition.leading_components(rank) if rank is not None else None
-            self._energy[candidate.name] = Option(rank, self._cost(candidate, rank), 0.0, components,
-                                                  budget[candidate.name].reason)
+        for candidate in candidates:  # measured as built: tucker2 layers fitted by HOOI, as budget builds them
+            rank, why = budget[candidate.name].rank, budget[candidate.name].reason
+            fit = Fit(rank) if rank is not None else None
+            self._energy[candidate.name] = Option(rank, self._cost(candidate, rank), 0.0, fit, why)
         self._inert_plan = {name: self._energy[name] for name in inert}
         self._target = (self.fraction * sum(self._cost(c, None) for c in candidates)
                         - sum(option.cost for option in self._inert_plan.values()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -16,6 +17,16 @@ from rankcut.linalg import Spectrum, Tucker2Factors, TuckerBasis
 Rank = int | tuple[int, ...]
 # kept components: singular triplet indices (svd), or one index tuple per channel mode (tucker2: out, in)
 Components = tuple[int, ...] | tuple[tuple[int, ...], ...]
+
+
+
+@dataclass(frozen=True)
+class Fit:
+    """In place of kept components: the decomposition's own fit at ``rank``, what ``build`` makes without
+    components (tucker2: HOOI; svd: the leading triplets). How a plan of plain ranks is measured."""
+
+    rank: Rank
+
 
 DECOMPOSITIONS: dict[str, Decomposition] = {}
 
@@ -112,12 +123,12 @@ class Decomposition(ABC):
         """``components`` in canonical form (tuples), or a ValueError saying what a valid list looks like."""
         raise ValueError(f"the plan keeps a subset of components, which {self.name} cannot do (svd and tucker2 can)")
 
-    def plan_components(self, rank: Rank, components: Components) -> Components | None:
+    def plan_components(self, rank: Rank, components: Components | Fit) -> Components | None:
         """What a plan records: None when building without ``components`` gives the same weights."""
-        return components
+        return None if isinstance(components, Fit) else components
 
-    def reconstruct(self, basis: Any, components: Components) -> torch.Tensor:
-        """The weight that keeps ``components``, as (g, out/g, in/g·k) matrices (float64)."""
+    def reconstruct(self, basis: Any, components: Components | Fit) -> torch.Tensor:
+        """The weight that keeps ``components`` (or ``Fit``), as (g, out/g, in/g·k) matrices (float64)."""
         raise ValueError(f"{self.name} cannot rebuild a weight from a component subset")
 
     def rank_from_parts(self, parts: list[int]) -> Rank:
@@ -244,10 +255,13 @@ class SVD(Decomposition, name="svd"):
             raise ValueError(f"plan components must be {rank} distinct indices in [0, {limit}), got {components}")
         return checked
 
-    def plan_components(self, rank: Rank, components: Components) -> Components | None:
-        return None if tuple(components) == self.leading_components(rank) else components
+    def plan_components(self, rank: Rank, components: Components | Fit) -> Components | None:
+        leading = isinstance(components, Fit) or tuple(components) == self.leading_components(rank)
+        return None if leading else components
 
-    def reconstruct(self, basis: Spectrum, components: Components) -> torch.Tensor:
+    def reconstruct(self, basis: Spectrum, components: Components | Fit) -> torch.Tensor:
+        if isinstance(components, Fit):
+            components = self.leading_components(components.rank)
         return basis.reconstruct(components)
 
     def build(self, info: LayerInfo, rank: Rank, basis: Spectrum | None = None,
@@ -353,8 +367,9 @@ class Tucker2(Decomposition, name="tucker2"):
                              f"indices in [0, {limits[0]}) and [0, {limits[1]}), got {components}")
         return checked
 
-    def reconstruct(self, basis: TuckerBasis, components: Components) -> torch.Tensor:
-        kernel = basis.truncate(*components).kernel()
+    def reconstruct(self, basis: TuckerBasis, components: Components | Fit) -> torch.Tensor:
+        fit = isinstance(components, Fit)
+        kernel = (basis.factorize(tuple(components.rank)) if fit else basis.truncate(*components)).kernel()
         return kernel.reshape(kernel.shape[0], kernel.shape[1], -1)
 
     @staticmethod

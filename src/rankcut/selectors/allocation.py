@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rankcut.layers import Rank
+from rankcut.layers import Components, Fit, Rank
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class Option:
     rank: Rank | None
     cost: int
     error: float
-    components: tuple[int, ...] | None = None
+    components: Components | Fit | None = None  # kept components, or Fit: the decomposition's own fit
     note: Any = None
 
 
