@@ -225,7 +225,7 @@ class LossAware(Selector):
         """Size the layers the task's loss does not depend on, and set what the others may keep.
 
         lossless gives them the ranks of the energy budget plan of every layer, so they take the share the
-        ``budget`` selector gives them, and that plan's ranks are the alternative ``_verify`` checks. compact
+        ``budget`` selector gives them, and that plan is exactly the alternative ``_verify`` checks. compact
         keeps them dense: the loss says nothing about what they may lose.
         """
         self._inert, self._inert_plan, self._energy = dict(inert), {}, {}
