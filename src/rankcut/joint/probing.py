@@ -32,7 +32,8 @@ def low_rank_weight(candidate: Candidate, kept: Components | Fit) -> torch.Tenso
 
 @contextmanager
 def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Components | Fit]) -> Iterator[None]:
-    """Within the block, each named layer's weight keeps only its ``kept`` components; restored afterwards."""
+    """Within the block, each named layer's weight keeps only its ``kept`` components (or is its ``Fit``);
+    restored afterwards."""
     originals = {}
     try:
         for name, components in kept.items():

@@ -19,7 +19,6 @@ Rank = int | tuple[int, ...]
 Components = tuple[int, ...] | tuple[tuple[int, ...], ...]
 
 
-
 @dataclass(frozen=True)
 class Fit:
     """In place of kept components: the decomposition's own fit at ``rank``, what ``build`` makes without
