@@ -76,46 +76,42 @@ def run(model_name: str, budgets: list[float], methods: list[str], repeats: int,
         "rows": [],
     }
     print(f"{model_name}: original {task.metric_name}={base_metrics[task.metric_name]:.4f}", flush=True)
+    def budget(f: float, note: str = "", **options) -> tuple[nn.Module, str]:
+        """The ``budget`` selector at ``f`` with compress options (decomposition, recalibration, ...)."""
+        compressed = rankcut.compress(original, f"budget:params={f}", progress=False, **options)[0]
+        return compressed, f"budget:params={f}{note}"
+
+    def loss_aware(mode: str, f: float | None, decomposition: str = "svd", **options) -> tuple[nn.Module, str]:
+        """lossless (with the sweep's --probe-samples) or compact (at its defaults) on ``decomposition``."""
+        if mode == "lossless":
+            options["probe_samples"] = probe_samples
+        return _loss_aware(original, task, LossAware(mode, f, progress=False, **options), decomposition)
+
+    recalibrated = ", batch norms recalibrated as lossless does (ablation)"
     builders: dict[str, Callable[[float], tuple[nn.Module, str]]] = {
         "uniform-svd": lambda f: (rankcut.compress(original, f"fixed:{f}", progress=False)[0], f"fixed:{f}"),
         "energy": lambda f: _selector(original, inventory, lambda k: Energy(max(k, 1e-6)), f, "energy"),
         "evbmf": lambda f: _selector(original, inventory, lambda k: EVBMF(weakening=1 - k), f, "evbmf"),
-        "budget": lambda f: (rankcut.compress(original, f"budget:params={f}", progress=False)[0],
-                             f"budget:params={f}"),
-        "budget-r8": lambda f: (rankcut.compress(original, f"budget:params={f}", round_to=8, progress=False)[0],
-                                f"budget:params={f}, ranks rounded to multiples of 8"),
-        "budget-guard": lambda f: (rankcut.compress(original, f"budget:params={f}", example_inputs=inputs,
-                                                    latency_guard=True, progress=False)[0],
-                                   f"budget:params={f}, latency guard at the example input's shape"),
+        "budget": lambda f: budget(f),
+        "budget-r8": lambda f: budget(f, ", ranks rounded to multiples of 8", round_to=8),
+        "budget-guard": lambda f: budget(f, ", latency guard at the example input's shape", example_inputs=inputs,
+                                         latency_guard=True),
         "asvd": lambda f: (asvd(original, task, f), f"fixed:{f} on W·diag(mean|x|^0.5)"),
         "tltorch-tucker": lambda f: tltorch_tucker(original, f, names),
-        "budget-bn": lambda f: (rankcut.compress(original, f"budget:params={f}", task=task, recalibrate=True,
-                                                 progress=False)[0],
-                                f"budget:params={f}, batch norms recalibrated as lossless does (ablation)"),
-        "budget-tucker2-bn": lambda f: (rankcut.compress(original, f"budget:params={f}", decomposition="auto",
-                                                         task=task, recalibrate=True, progress=False)[0],
-            f"budget:params={f}, decomposition auto, batch norms recalibrated as lossless does (ablation)"),
-        "lossless": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
-                                                                    progress=False)),
-        "budget-tucker2": lambda f: (rankcut.compress(original, f"budget:params={f}", decomposition="auto",
-                                                      progress=False)[0],
-                                     f"budget:params={f}, decomposition auto (Tucker-2 for k×k convs)"),
-        "lossless-tucker2": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
-                                                                            progress=False), "auto"),
-        "budget-whitened": lambda f: (rankcut.compress(original, f"budget:params={f}", task=task,
-                                                       decomposition="whitened-svd", progress=False)[0],
-                                      f"budget:params={f}, decomposition whitened-svd"),
-        "budget-whitened-bn": lambda f: (rankcut.compress(original, f"budget:params={f}", task=task,
-                                                          decomposition="whitened-svd", recalibrate=True,
-                                                          progress=False)[0],
-                                         f"budget:params={f}, decomposition whitened-svd, batch norms recalibrated"),
-        "lossless-whitened": lambda f: _loss_aware(original, task, LossAware("lossless", f, probe_samples=probe_samples,
-                                                                             progress=False), "whitened-svd"),
-        "compact-whitened": lambda f: _loss_aware(original, task, LossAware("compact", progress=False),
-                                                    "whitened-svd"),
-        "compact": lambda f: _loss_aware(original, task, LossAware("compact", progress=False)),
-        "compact-metric": lambda f: _loss_aware(original, task, LossAware("compact", criterion="metric",
-                                                                          progress=False)),
+        "budget-bn": lambda f: budget(f, recalibrated, task=task, recalibrate=True),
+        "budget-tucker2-bn": lambda f: budget(f, ", decomposition auto" + recalibrated, decomposition="auto",
+                                              task=task, recalibrate=True),
+        "lossless": lambda f: loss_aware("lossless", f),
+        "budget-tucker2": lambda f: budget(f, ", decomposition auto (Tucker-2 for k×k convs)", decomposition="auto"),
+        "lossless-tucker2": lambda f: loss_aware("lossless", f, "auto"),
+        "budget-whitened": lambda f: budget(f, ", decomposition whitened-svd", task=task,
+                                            decomposition="whitened-svd"),
+        "budget-whitened-bn": lambda f: budget(f, ", decomposition whitened-svd, batch norms recalibrated", task=task,
+                                               decomposition="whitened-svd", recalibrate=True),
+        "lossless-whitened": lambda f: loss_aware("lossless", f, "whitened-svd"),
+        "compact-whitened": lambda f: loss_aware("compact", None, "whitened-svd"),
+        "compact": lambda f: loss_aware("compact", None),
+        "compact-metric": lambda f: loss_aware("compact", None, criterion="metric"),
     }
     sizeless = [m for m in methods if m in SIZELESS]  # they choose their own size: one run each
     runs = [(f, m) for f in budgets for m in methods if m not in SIZELESS] + [(None, m) for m in sizeless]
@@ -173,7 +169,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--probe-samples", type=int, help="lossless rows: calibration samples per probe (default: "
-                        "all 512; make bench uses 128 for time). compact rows always probe on all of them")
+                        "all 512, as make bench runs them). compact rows always probe on all of them")
     parser.add_argument("--append", action="store_true", help="merge into --out, replacing rows of these methods")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
