@@ -135,9 +135,17 @@ def test_compress_lossless_from_the_shell(tmp_path):
     assert result.exit_code == 0, result.output
     assert "loss-aware selection (lossless" in result.output and "measured" in result.output
     assert "each cut charged 2 standard errors above its estimate" in result.output
+    assert "whole plans on the probe batches: loss-aware" in result.output
     report = json.loads(report_path.read_text())
     assert report["selector"] == "lossless:params=0.5"
     assert report["selection"]["validation_checks"]
+    assert len(report["selection"]["reexpansion"]["steps"]) in (1, 2)
+    once = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", "--select", "lossless",
+               "--target", "params=0.5", "--calibration-samples", "32", "--batch-size", "16", "--split", "none",
+               "--reexpansions", "0", "--no-progress")
+    assert once.exit_code == 0, once.output
+    assert "plan from loss-aware" in once.output or "plan from energy" in once.output
+    assert "whole plans on the probe batches" not in once.output
 
 
 def test_compact_with_tucker2_and_loss_aware_options_from_the_shell(tmp_path):
@@ -160,6 +168,8 @@ def test_compact_with_tucker2_and_loss_aware_options_from_the_shell(tmp_path):
     (["--select", "budget:params=0.5", "--probe-samples", "16", "--confidence", "1"],
      "--probe-samples, --confidence: only --select lossless/compact use these"),
     (["--select", "budget:params=0.5", "--calibration-samples", "64"], "--calibration-samples: only"),
+    (["--select", "budget:params=0.5", "--reexpansions", "1"], "--reexpansions: only"),
+    (["--select", "compact", "--reexpansions", "1"], "--reexpansions goes with --select lossless"),
 ])
 def test_loss_aware_option_errors(args, message):
     result = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", *args)

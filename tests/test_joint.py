@@ -273,6 +273,55 @@ def test_prediction_matches_measurement_for_small_perturbations(decomposition):
         assert predicted == pytest.approx(measured, rel=0.2, abs=1e-6), candidate.name
 
 
+def test_a_curve_re_expanded_at_the_original_model_is_the_curve():
+    model, batches, loss = _mixed_setup()
+    candidate = scan(model).factorizable()[2]
+    stats = gather_statistics(model, [candidate], batches, loss)[candidate.name]
+    curve = LayerCurve.of(candidate, stats, "spectrum")
+    same = curve.around(stats, 0)
+    assert torch.equal(same.predicted, curve.predicted) and torch.equal(same.standard_error, curve.standard_error)
+    assert same.order == curve.order and same.probes == curve.probes == {0: 0.0}
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "whitened-svd"])
+def test_re_expanded_prediction_matches_measurement_around_a_plan(decomposition):
+    """With every layer's smallest component removed, the statistics gathered there predict both the next cut
+    and the component restored, as measured from that plan."""
+    model, batches, loss = _mixed_setup()
+    candidates = _svd_candidates(model, batches, loss, decomposition)
+    curves = {c.name: LayerCurve.of(c, gather_statistics(model, [c], batches, loss)[c.name], "spectrum")
+              for c in candidates}
+    by_name, origin = {c.name: c for c in candidates}, 1
+    with substituted(by_name, {name: curve.kept(origin) for name, curve in curves.items()}):
+        stats = gather_statistics(model, candidates, batches, loss)
+        probe = LossProbe(model, batches, loss)
+        for candidate in candidates:
+            around = curves[candidate.name].around(stats[candidate.name], origin)
+            assert around.predicted[origin] == 0 and around.probes == {origin: 0.0}
+            for removed in (origin - 1, origin + 1):
+                measured = probe.change({candidate.name: candidate}, {candidate.name: around.kept(removed)})
+                assert abs(measured) > 0
+                assert float(around.predicted[removed]) == pytest.approx(measured, rel=0.2, abs=1e-6), candidate.name
+
+
+def test_a_re_expanded_curve_interpolates_probes_on_each_side_of_its_origin():
+    model, batches, loss = _mixed_setup()
+    candidate = scan(model).factorizable()[1]  # 6 components
+    stats = gather_statistics(model, [candidate], batches, loss)[candidate.name]
+    curve = LayerCurve.of(candidate, stats, "spectrum").around(stats, 3)
+    residual = {1: 0.5, 4: -0.2}  # measured minus predicted, one probe on each side
+    for removed, offset in residual.items():
+        curve.probes[removed] = float(curve.predicted[removed]) + offset
+    energy = curve.dropped_energy
+    weight = float((energy[3] - energy[2]) / (energy[3] - energy[1]))  # from the origin towards the probe
+    assert curve.residual(2) == pytest.approx(weight * 0.5)
+    beyond = float((energy[3] - energy[0]) / (energy[3] - energy[1]))
+    assert curve.residual(0) == pytest.approx(0.5 * beyond)  # an underestimate grows with the energy moved
+    assert curve.residual(5) == pytest.approx(-0.2)  # an overestimate is not scaled up
+    assert curve.trusted(tolerance=1e-9) == (3, 3)
+    assert curve.known(1, 1e-9) and curve.known(3, 1e-9) and not curve.known(2, 1e-9)
+
+
 def test_upper_bound_adds_the_sampling_error_of_the_prediction():
     model, batches, loss = _mixed_setup()
     candidate = scan(model).factorizable()[0]
@@ -326,7 +375,29 @@ def test_lossless_respects_its_budget(fraction):
     assert kept <= fraction
     assert kept >= fraction - 0.05
     checks = [check["plan"] for check in plan.meta["selection"]["validation_checks"]]
-    assert checks == ["original", "loss-aware", "energy budget"]
+    assert checks in (["original", "loss-aware", "energy budget"], ["original", "re-expanded", "energy budget"])
+
+
+@pytest.mark.parametrize("reexpansions", [0, 2])
+def test_a_re_expansion_is_kept_only_when_the_whole_plans_measured_loss_falls(reexpansions):
+    task = ToyTask()
+    plan = rankcut.make_plan(task.build_model(), LossAware("lossless", 0.35, calibration_samples=64, batch_size=16,
+                                                           reexpansions=reexpansions, progress=False), task=task)
+    selection = plan.meta["selection"]
+    record, checks = selection["reexpansion"], [check["plan"] for check in selection["validation_checks"]]
+    if not reexpansions:
+        assert record == {} and checks == ["original", "loss-aware", "energy budget"]
+        return
+    best = record["probe_loss_change"][record["centre"]]
+    assert best == min(record["probe_loss_change"].values())  # the better whole plan is the centre
+    kept = False
+    for step in record["steps"]:
+        if not step["probe_loss_change"] < best:  # the first step that does not lower the loss ends the search
+            assert step is record["steps"][-1]
+            break
+        best, kept = step["probe_loss_change"], True
+    assert checks[1] == ("re-expanded" if kept else "loss-aware")
+    assert 1 <= len(record["steps"]) <= reexpansions
 
 
 class PooledModel(nn.Module):

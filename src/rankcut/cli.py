@@ -139,6 +139,9 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
               help="lossless/compact: calibration samples each probe measures (default: all of them).")
 @click.option("--confidence", default=2.0, show_default=True, type=float,
               help="lossless/compact: standard errors added to each cut's estimated loss change (0: none).")
+@click.option("--reexpansions", default=2, show_default=True, type=int,
+              help="lossless: times the loss may be re-expanded around its best plan and the budget allocated "
+                   "again (0: allocate once, from the original model).")
 @click.option("--recalibrate/--no-recalibrate", default=None,
               help="Correct batch-norm statistics on the task's calibration samples (no training). Default: on for "
                    "lossless/compact, off for the other selectors (--recalibrate turns it on; needs --task).")
@@ -160,7 +163,7 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, select: str,
              target: str | None, calibration_samples: int, batch_size: int, probe_samples: int | None,
-             confidence: float, recalibrate: bool | None, decomposition: str,
+             confidence: float, reexpansions: int, recalibrate: bool | None, decomposition: str,
              ignore: tuple[str, ...], round_to: int, latency_guard: bool, split: str, cache_dir: str | None,
              low_memory: bool, randomized_above: int | None, out: str | None, report_path: str | None, force: bool,
              progress: bool) -> None:
@@ -168,8 +171,8 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
     progress = progress and main_process
     source, task_obj = _load(model, weights, task)
     try:
-        selector = _selector(select, target, calibration_samples, batch_size, probe_samples, confidence, recalibrate,
-                             progress)
+        selector = _selector(select, target, calibration_samples, batch_size, probe_samples, confidence,
+                             reexpansions, recalibrate, progress)
     except ValueError as error:
         _fail(str(error))
     protected = tuple(p for p in (source.checkpoint, weights, source.files_dir) if p)
@@ -206,13 +209,14 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
 
 
 def _selector(select: str, target: str | None, calibration_samples: int, batch_size: int,
-              probe_samples: int | None, confidence: float, recalibrate: bool | None, progress: bool) -> Selector:
+              probe_samples: int | None, confidence: float, reexpansions: int, recalibrate: bool | None,
+              progress: bool) -> Selector:
     """The selector for ``--select`` (with ``--target`` for lossless), or a clear error."""
     kind = select.partition(":")[0].strip().lower()
     if kind not in ("lossless", "compact"):
         if target:
             raise ValueError("--target goes with --select lossless (e.g. --select lossless --target params=0.3)")
-        unused = [name for name in ("probe_samples", "confidence", "batch_size") if _given(name)]
+        unused = [name for name in ("probe_samples", "confidence", "reexpansions", "batch_size") if _given(name)]
         if _given("calibration_samples") and not recalibrate:
             unused.append("calibration_samples")
         if unused:
@@ -226,11 +230,14 @@ def _selector(select: str, target: str | None, calibration_samples: int, batch_s
         select = f"lossless:{target}"
     if kind == "compact" and target:
         raise ValueError("compact finds its own size (the smallest with no loss); drop --target or use lossless")
+    if kind == "compact" and _given("reexpansions"):
+        raise ValueError("--reexpansions goes with --select lossless: compact walks one path from the original model")
     selector = parse_selector(select)
     metric = selector.metric
     return LossAware(selector.mode, selector.fraction, metric, calibration_samples=calibration_samples,
                      batch_size=batch_size, probe_samples=probe_samples, confidence=confidence,
-                     criterion=selector.criterion, recalibrate=recalibrate is not False, progress=progress)
+                     criterion=selector.criterion, recalibrate=recalibrate is not False, reexpansions=reexpansions,
+                     progress=progress)
 
 
 def _given(option: str) -> bool:

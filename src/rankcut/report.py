@@ -88,12 +88,25 @@ def describe_selection(selection: dict) -> str:
              f"passes, each cut charged {selection.get('confidence', 0):g} standard errors above its estimate, "
              f"{selection['seconds']['total']:.1f} s",
              f"calibration loss {selection['calibration_loss']:.4f}: change predicted "
-             f"{selection['predicted_loss_change']:+.4f} (sum over layers), "
+             f"{selection['predicted_loss_change']:+.4f} ({_predicted_how(selection)}), "
              f"measured {selection['measured_loss_change']:+.4f}"]
+    reexpansion = selection.get("reexpansion")
+    if reexpansion:
+        before = reexpansion["probe_loss_change"]
+        steps = "; ".join(f"{step['probe_loss_change']:+.4f} ({step['layers_moved']} layers moved, "
+                          f"{step['probes']} probes)" for step in reexpansion["steps"]) or "none"
+        lines.append(f"whole plans on the probe batches: loss-aware {before['loss-aware']:+.4f}, energy budget "
+                     f"{before['energy budget']:+.4f}; re-expanded around the {reexpansion['centre']} plan: {steps}")
     for check in selection["validation_checks"]:
         values = ", ".join(f"{k}={v:.4f}" for k, v in check["validation"].items())
         lines.append(f"  validation, {check['plan']}: {values}")
     return "\n".join(lines)
+
+
+def _predicted_how(selection: dict) -> str:
+    if selection["plan_source"] == "re-expanded":
+        return "the re-expansion centre's measured change plus the layers' changes from it"
+    return "sum over layers"
 
 
 def describe_other_modules(other_modules: list[tuple[str, str, int]]) -> str:

@@ -76,6 +76,7 @@ class LayerCurve:
     ranks: list[Rank]
     along_path: bool  # a tucker2 rank path (leading components at each pair), not an order of components
     probes: dict[int, float] = field(default_factory=lambda: {0: 0.0})
+    origin: int = 0  # removal count the changes are relative to (0: the original layer)
 
     @classmethod
     def of(cls, candidate: Candidate, stats: ComponentStats, order: str) -> LayerCurve:
@@ -92,14 +93,15 @@ class LayerCurve:
             sequence = list(range(n - 1, -1, -1))
             ranks = list(stats.path)
             dropped = (1 - basis.captured_energy(ranks)).clamp(min=0)
-        direction = torch.cumsum(stats.a[:, torch.tensor(sequence)], dim=1)  # (S, n): Σ a over the first k+1
-        change = -direction.mean(0) + 0.5 * (direction**2).mean(0)
-        samples = direction.shape[0]
-        spread = direction.std(0) if samples > 1 else torch.zeros_like(change)
-        zero = torch.zeros(1, dtype=change.dtype)
-        predicted = torch.cat([zero, change[:-1]])
-        standard_error = torch.cat([zero, spread[:-1] / samples**0.5])
+        predicted, standard_error = _taylor(stats.a, sequence, 0)
         return cls(candidate, sequence, predicted, standard_error, dropped, ranks, stats.path is not None)
+
+    def around(self, stats: ComponentStats, origin: int) -> LayerCurve:
+        """This layer's curve re-expanded at ``origin`` removed: ``stats`` were gathered with the model at a plan
+        that keeps this layer there, and every change (fewer or more components) is relative to that plan."""
+        predicted, standard_error = _taylor(stats.a, self.order, origin)
+        return LayerCurve(self.candidate, self.order, predicted, standard_error, self.dropped_energy, self.ranks,
+                          self.along_path, {origin: 0.0}, origin)
 
     @property
     def size(self) -> int:
@@ -117,23 +119,24 @@ class LayerCurve:
         return tuple(sorted(self.order[removed:]))
 
     def residual(self, removed: int) -> float:
-        """Measured minus predicted change, interpolated between probes in dropped energy."""
-        points = sorted(self.probes)
-        energy = self.dropped_energy
-        residuals = [self.probes[k] - float(self.predicted[k]) for k in points]
+        """Measured minus predicted change, interpolated in dropped energy between the probes on ``removed``'s side
+        of the origin (extrapolated in proportion to it beyond the farthest one, when the prediction was low)."""
         if removed in self.probes:
-            return residuals[points.index(removed)]
-        below = max(k for k in points if k < removed)
-        above = [k for k in points if k > removed]
-        r_below = residuals[points.index(below)]
-        if above:
-            k_above = above[0]
-            span = float(energy[k_above] - energy[below])
-            weight = float(energy[removed] - energy[below]) / span if span > 0 else 1.0
-            return r_below + weight * (residuals[points.index(k_above)] - r_below)
-        if r_below <= 0 or below == 0:
-            return r_below
-        return r_below * max(1.0, float(energy[removed] / energy[below].clamp(min=1e-300)))
+            return self.probes[removed] - float(self.predicted[removed])
+        away = 1 if removed > self.origin else -1
+        side = sorted((k for k in self.probes if (k - self.origin) * away >= 0), key=lambda k: (k - self.origin) * away)
+        inner = [k for k in side if (k - removed) * away < 0][-1]
+        outer = [k for k in side if (k - removed) * away > 0]
+        energy = (self.dropped_energy - self.dropped_energy[self.origin]) * away  # grows away from the origin
+        r_inner = self.probes[inner] - float(self.predicted[inner])
+        if outer:
+            r_outer = self.probes[outer[0]] - float(self.predicted[outer[0]])
+            span = float(energy[outer[0]] - energy[inner])
+            weight = float(energy[removed] - energy[inner]) / span if span > 0 else 1.0
+            return r_inner + weight * (r_outer - r_inner)
+        if r_inner <= 0 or inner == self.origin:
+            return r_inner
+        return r_inner * max(1.0, float(energy[removed] / energy[inner].clamp(min=1e-300)))
 
     def estimate(self, removed: int) -> float:
         """Best estimate of the loss change with ``removed`` components dropped: prediction plus residual."""
@@ -148,16 +151,33 @@ class LayerCurve:
         """
         return self.estimate(removed) + confidence * float(self.standard_error[removed])
 
-    def trusted(self, tolerance: float) -> int:
-        """Largest probed removal count up to which every probe agreed with the prediction."""
-        trusted = 0
-        for k in sorted(self.probes):
-            measured, predicted = self.probes[k], float(self.predicted[k])
-            if abs(measured - predicted) > tolerance + 0.5 * abs(measured):
-                break
-            trusted = k
-        return trusted
+    def trusted(self, tolerance: float) -> tuple[int, int]:
+        """The removal counts around the origin, (fewest, most), up to which every probe agreed with the prediction."""
+        bounds = []
+        for side in (sorted((k for k in self.probes if k <= self.origin), reverse=True),
+                     sorted(k for k in self.probes if k >= self.origin)):
+            trusted = self.origin
+            for k in side:
+                measured, predicted = self.probes[k], float(self.predicted[k])
+                if abs(measured - predicted) > tolerance + 0.5 * abs(measured):
+                    break
+                trusted = k
+            bounds.append(trusted)
+        return bounds[0], bounds[1]
 
     def known(self, removed: int, tolerance: float) -> bool:
         """True when the change at ``removed`` was measured or lies in the trusted range."""
-        return removed in self.probes or removed <= self.trusted(tolerance)
+        fewest, most = self.trusted(tolerance)
+        return removed in self.probes or fewest <= removed <= most
+
+
+def _taylor(a: torch.Tensor, sequence: list[int], origin: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Second-order prediction of the loss change, and its standard error, at every removal count along
+    ``sequence``, relative to ``origin`` removed: components beyond it are dropped, those before it restored."""
+    cumulative = torch.cumsum(a[:, torch.tensor(sequence)], dim=1)  # (S, n): Σ a over the first k+1
+    cumulative = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], 1)  # over the first k
+    direction = cumulative - cumulative[:, origin : origin + 1]  # removing adds −a; restoring, +a
+    predicted = -direction.mean(0) + 0.5 * (direction**2).mean(0)
+    samples = direction.shape[0]
+    spread = direction.std(0) if samples > 1 else torch.zeros_like(predicted)
+    return predicted, spread / samples**0.5
