@@ -358,11 +358,11 @@ class LossAware(Selector):
         moves are small again, and statistics and probes taken with the model at that plan see how the layers
         interact. Returns the plan to validate (its own, unless a re-expansion lowered the measured loss).
         """
-        energy = {name: self._energy[name] for name in candidates}
-        measured = {LOSS_AWARE: self._plan_change(candidates, chosen, probe),
-                    ENERGY: self._plan_change(candidates, energy, probe)}
-        label = min(measured, key=lambda key: measured[key])
-        centre, best = (chosen, measured[LOSS_AWARE]) if label == LOSS_AWARE else (energy, measured[ENERGY])
+        plans = {LOSS_AWARE: chosen, ENERGY: {name: self._energy[name] for name in candidates}}
+        measured = {label: self._plan_change(candidates, plan, probe, self._recalibration)
+                    for label, plan in plans.items()}
+        label = min(measured, key=measured.__getitem__)
+        centre, best = plans[label], measured[label]
         record: dict[str, Any] = {"centre": label, "probe_loss_change": {k: round(v, 6) for k, v in measured.items()},
                                   "steps": []}
         found = None
@@ -379,7 +379,7 @@ class LossAware(Selector):
                 local = LossProbe(self.model, probe.batches, self.task.loss)
                 around = {name: curves[name].around(stats[name], origins[name]) for name in candidates}
                 plan = self._allocate(around, policy, local, tolerance)
-            change = self._plan_change(candidates, plan, probe)
+            change = self._plan_change(candidates, plan, probe, self._recalibration)
             predicted = best + sum(around[name].estimate(option.note) for name, option in plan.items())
             record["steps"].append({"probe_loss_change": round(change, 6), "predicted": round(predicted, 6),
                                     "probes": local.measurements,
@@ -393,10 +393,12 @@ class LossAware(Selector):
         self._reexpansion = {**record, "predicted_loss_change": found}
         return centre, REEXPANDED
 
-    def _plan_change(self, candidates: Mapping[str, Candidate], plan: Mapping[str, Option], probe: LossProbe) -> float:
-        """A whole plan's loss change on the probe batches, measured as it is built (batch norms recalibrated)."""
+    def _plan_change(self, candidates: Mapping[str, Candidate], plan: Mapping[str, Option], probe: LossProbe,
+                     recalibration: BatchNormRecalibration | None) -> float:
+        """A whole plan's loss change on the probe batches, measured as it is built (batch norms recalibrated);
+        nan or inf when the plan breaks the model's numerics."""
         kept = self._kept(plan)
-        return probe.change(candidates, kept, strict=False, within=self._recalibrated(self._recalibration, kept))
+        return probe.change(candidates, kept, strict=False, within=self._recalibrated(recalibration, kept))
 
     def _verify(self, candidates: Mapping[str, Candidate], curves: Mapping[str, LayerCurve], policy: RankPolicy,
                 chosen: dict[str, Option], source: str, checks: list[dict[str, Any]],
@@ -419,9 +421,8 @@ class LossAware(Selector):
         start, steps = greedy_path(options)
 
         def calibration_passes(position: int) -> bool:
-            kept = self._kept(self._prefix(start, steps, position))
-            change = probe.change(candidates, kept, strict=False,
-                                  within=self._recalibrated(self._search_recalibration, kept))
+            change = self._plan_change(candidates, self._prefix(start, steps, position), probe,
+                                       self._search_recalibration)
             return change <= self.tolerance * abs(probe.baseline)  # False for nan and inf
 
         def validation_passes(position: int) -> bool:
