@@ -154,3 +154,16 @@ def test_selectors_work_on_convs_with_every_decomposition():
 def test_bad_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_selector(spec)
+
+
+def test_walk_to_budget_never_grows_a_layer_into_more_error():
+    """The leftover budget only buys options that lower the error: with signed (loss-aware) errors a larger
+    option can be predicted worse than a smaller one, and spending budget on it would make the plan worse."""
+    from rankcut.selectors.allocation import Option, walk_to_budget
+
+    signed = [Option(None, 10, 0.0), Option(6, 6, 0.5), Option(4, 4, -0.2), Option(2, 2, 1.0)]
+    plain = [Option(None, 10, 0.0), Option(5, 5, 0.1), Option(2, 2, 0.3)]
+    plan = walk_to_budget({"signed": signed, "plain": plain}, target=12)
+    assert plan["signed"].rank == 4  # 6 would fit the 3 left over, but adds 0.7
+    assert plan["plain"].rank == 5  # grown from 2: it lowers the error
+    assert sum(option.cost for option in plan.values()) <= 12

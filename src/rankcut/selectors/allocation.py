@@ -65,8 +65,9 @@ def walk_to_budget(options: Mapping[str, list[Option]], target: float) -> dict[s
     """Follow the greedy path until the total cost fits ``target``, then spend what is left of the budget.
 
     Hull steps can be long (a layer may jump several ranks at once), so the walk usually ends below the
-    target; the leftover is filled by repeatedly growing the layer whose next larger option adds the least
-    error per unit of cost and still fits. The result uses the budget as closely as the options allow.
+    target; the leftover is filled by repeatedly growing the layer whose larger option removes the most error
+    per unit of cost and still fits. Growing a layer never adds error: where errors are signed estimates (the
+    loss-aware selectors), a larger option can be predicted worse than a smaller one, and is then left alone.
     """
     current, steps = greedy_path(options)
     spent = sum(option.cost for option in current.values())
@@ -81,7 +82,7 @@ def walk_to_budget(options: Mapping[str, list[Option]], target: float) -> dict[s
         for name, opts in options.items():
             for option in opts:
                 extra = option.cost - current[name].cost
-                if 0 < extra <= spare:
+                if 0 < extra <= spare and option.error < current[name].error:
                     ratio = (option.error - current[name].error) / extra
                     if best is None or ratio < best[0]:
                         best = (ratio, name, option)
