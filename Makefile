@@ -1,6 +1,6 @@
 # `make demo` compresses the built-in real model on real data; `make test` runs lint and the test suite;
 # `make bench` runs the default benchmark sweep (ResNet-20 and MiniLM, two budgets, every method) into
-# runs/bench/, every selector at its defaults: about 20 minutes on 2 cores (benchmarks/PREAMBLE.md has the last
+# runs/bench/, every selector at its defaults: about 21 minutes on 2 cores (benchmarks/PREAMBLE.md has the last
 # timing). All install what they need first (Debian datasets + .venv).
 VENV := .venv
 STAMP := $(VENV)/.installed
