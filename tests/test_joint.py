@@ -304,6 +304,46 @@ def test_re_expanded_prediction_matches_measurement_around_a_plan(decomposition)
                 assert float(around.predicted[removed]) == pytest.approx(measured, rel=0.2, abs=1e-6), candidate.name
 
 
+@pytest.mark.parametrize("fraction", [0.9, 0.8])
+def test_a_size_measured_dear_is_not_kept_when_the_rounds_run_out(fraction):
+    """The first allocation cuts layer 2 beyond its trusted range; its measurement (faked: far dearer than
+    predicted) comes in the last round. The plan is then allocated once more among sizes measured or trusted,
+    and takes layer 0's measured cut instead, rather than keeping the size just found dear."""
+    from rankcut.selectors.base import RankPolicy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 5))
+    model = model.double().eval()
+    x, y = torch.randn(64, 12, dtype=torch.float64), torch.randint(0, 5, (64,))
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+
+    def loss(m: nn.Module, batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    candidates = scan(model).factorizable()
+    curves = {c.name: LayerCurve.of(c, gather_statistics(model, [c], batches, loss)[c.name], "spectrum")
+              for c in candidates}
+    probe, policy, tolerance = LossProbe(model, batches, loss), RankPolicy(), 0.0
+    first_layer = curves["0"]
+    first_layer.probes[11] = probe.change({"0": first_layer.candidate}, {"0": first_layer.kept(11)})
+    selector = LossAware("lossless", fraction, max_rounds=1, progress=False)
+    selector._target = fraction * sum(selector._cost(c, None) for c in candidates)
+    dear: list[tuple[str, int]] = []
+
+    def measure_dear(todo, probe, desc) -> None:
+        for curve, removed in todo:
+            dear.append((curve.candidate.name, removed))
+            curve.probes[removed] = 1.0
+
+    selector._measure = measure_dear
+    plan = selector._allocate(curves, policy, probe, tolerance)
+    assert dear and all(name == "2" for name, _ in dear)  # the rounds ran out on layer 2's guess
+    assert all((name, option.note) not in dear for name, option in plan.items())
+    assert plan["0"].note == 11 and plan["2"].rank is None
+    assert all(curves[name].known(option.note, tolerance) for name, option in plan.items())
+    assert sum(option.cost for option in plan.values()) <= selector._target
+
+
 def test_a_re_expanded_curve_interpolates_probes_on_each_side_of_its_origin():
     model, batches, loss = _mixed_setup()
     candidate = scan(model).factorizable()[1]  # 6 components

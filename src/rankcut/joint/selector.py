@@ -336,16 +336,21 @@ class LossAware(Selector):
 
     def _allocate(self, curves: Mapping[str, LayerCurve], policy: RankPolicy, probe: LossProbe,
                   tolerance: float) -> dict[str, Option]:
-        """Allocate, measure chosen sizes outside their layer's trusted range, and allocate again."""
+        """Allocate, measure chosen sizes outside their layer's trusted range, and allocate again.
+
+        After ``max_rounds`` the last allocation chooses only among sizes measured or trusted (the sizes just
+        measured are among them, so it can always be met): a size is never chosen on an untrusted estimate.
+        """
         for _ in range(self.max_rounds):
             options = {name: self._options(curve, policy) for name, curve in curves.items()}
             chosen = self._select(options)
             unknown = [(curves[name], option.note) for name, option in chosen.items()
                        if not curves[name].known(option.note, tolerance)]
             if not unknown:
-                break
+                return chosen
             self._measure(unknown, probe, "measuring chosen ranks")
-        return chosen
+        return self._select({name: [option for option in self._options(curve, policy)
+                                    if curve.known(option.note, tolerance)] for name, curve in curves.items()})
 
     def _reexpand(self, candidates: Mapping[str, Candidate], curves: Mapping[str, LayerCurve], policy: RankPolicy,
                   chosen: dict[str, Option], probe: LossProbe, tolerance: float, batches: Sequence[Any],
