@@ -7,7 +7,8 @@ Steps, all without fine-tuning and without touching the test split:
    params); the trusted range ends where prediction and measurement part;
 3. layers are allocated jointly along the greedy path of least loss added per parameter (or MAC) saved, each
    cut charged its estimate plus ``confidence`` standard errors (so calibration noise cannot pass for a gain);
-   any chosen size outside a layer's trusted range is measured and the allocation redone;
+   any chosen size outside a layer's trusted range is measured and the allocation redone (after the last
+   round, among measured or trusted sizes only);
 4. ``lossless`` measures its plan and the energy-based budget plan of the same size whole, on the probe
    batches, and re-expands the loss around the better one: statistics and probes are taken again with the
    model at that plan, each layer's curve now relative to it (fewer or more components), and the budget is
