@@ -309,8 +309,6 @@ def test_a_size_measured_dear_is_not_kept_when_the_rounds_run_out(fraction):
     """The first allocation cuts layer 2 beyond its trusted range; its measurement (faked: far dearer than
     predicted) comes in the last round. The plan is then allocated once more among sizes measured or trusted,
     and takes layer 0's measured cut instead, rather than keeping the size just found dear."""
-    from rankcut.selectors.base import RankPolicy
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 5))
     model = model.double().eval()
@@ -323,7 +321,7 @@ def test_a_size_measured_dear_is_not_kept_when_the_rounds_run_out(fraction):
     candidates = scan(model).factorizable()
     curves = {c.name: LayerCurve.of(c, gather_statistics(model, [c], batches, loss)[c.name], "spectrum")
               for c in candidates}
-    probe, policy, tolerance = LossProbe(model, batches, loss), RankPolicy(), 0.0
+    probe, policy, tolerance = LossProbe(model, batches, loss), rankcut.RankPolicy(), 0.0
     first_layer = curves["0"]
     first_layer.probes[11] = probe.change({"0": first_layer.candidate}, {"0": first_layer.kept(11)})
     selector = LossAware("lossless", fraction, max_rounds=1, progress=False)

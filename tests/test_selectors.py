@@ -8,6 +8,7 @@ from torch import nn
 
 import rankcut
 from rankcut.selectors import EVBMF, Budget, parse_selector
+from rankcut.selectors.allocation import Option, walk_to_budget
 
 from toy_models import cnn_factory, cnn_inputs, planted
 
@@ -159,8 +160,6 @@ def test_bad_specs(spec, message):
 def test_walk_to_budget_never_grows_a_layer_into_more_error():
     """The leftover budget only buys options that lower the error: with signed (loss-aware) errors a larger
     option can be predicted worse than a smaller one, and spending budget on it would make the plan worse."""
-    from rankcut.selectors.allocation import Option, walk_to_budget
-
     signed = [Option(None, 10, 0.0), Option(6, 6, 0.5), Option(4, 4, -0.2), Option(2, 2, 1.0)]
     plain = [Option(None, 10, 0.0), Option(5, 5, 0.1), Option(2, 2, 0.3)]
     plan = walk_to_budget({"signed": signed, "plain": plain}, target=12)
