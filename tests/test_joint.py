@@ -539,19 +539,6 @@ def test_compact_criterion_metric_ignores_a_higher_loss():
         rankcut.parse_selector("compact:0.5")
 
 
-@pytest.mark.parametrize("answer", [0, 1, 37, 899, 1000])
-@pytest.mark.parametrize("guess", [1, 500, 900, 1000])
-def test_compact_search_finds_the_last_passing_step(answer, guess):
-    """The path search (calibration, then validation) returns the last passing position, and when the guess
-    fails and nothing passes it stops after two calls: the usual case for a model with nothing to give."""
-    calls: list[int] = []
-    low, high = LossAware._last_passing(lambda p: calls.append(p) or p <= answer, guess, 0, 1001, 1001)
-    assert (low, high) == (answer, answer + 1)
-    assert len(calls) == len(set(calls)) and all(0 < p < 1001 for p in calls)
-    if answer == 0:
-        assert len(calls) <= 2
-
-
 class TwiceModel(nn.Module):
     """One conv applied twice per forward pass: its statistics must add both calls per sample."""
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import rankcut
 from rankcut.selectors import EVBMF, Budget, parse_selector
-from rankcut.selectors.allocation import Option, walk_to_budget
+from rankcut.selectors.allocation import Option, last_passing, walk_to_budget
 
 from toy_models import cnn_factory, cnn_inputs, planted
 
@@ -166,3 +166,16 @@ def test_walk_to_budget_never_grows_a_layer_into_more_error():
     assert plan["signed"].rank == 4  # 6 would fit the 3 left over, but adds 0.7
     assert plan["plain"].rank == 5  # grown from 2: it lowers the error
     assert sum(option.cost for option in plan.values()) <= 12
+
+
+@pytest.mark.parametrize("answer", [0, 1, 37, 899, 1000])
+@pytest.mark.parametrize("guess", [1, 500, 900, 1000])
+def test_compact_search_finds_the_last_passing_step(answer, guess):
+    """The path search (calibration, then validation) returns the last passing position, and when the guess
+    fails and nothing passes it stops after two calls: the usual case for a model with nothing to give."""
+    calls: list[int] = []
+    low, high = last_passing(lambda p: calls.append(p) or p <= answer, guess, 0, 1001, 1001)
+    assert (low, high) == (answer, answer + 1)
+    assert len(calls) == len(set(calls)) and all(0 < p < 1001 for p in calls)
+    if answer == 0:
+        assert len(calls) <= 2

@@ -25,7 +25,7 @@ Steps, all without fine-tuning and without touching the test split:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -42,7 +42,14 @@ from rankcut.joint.statistics import ComponentStats, gather_statistics
 from rankcut.layers import Fit, Rank
 from rankcut.linalg import Spectrum
 from rankcut.recalibration import BatchNormRecalibration, batch_norms
-from rankcut.selectors.allocation import Option, greedy_path, walk_to_budget
+from rankcut.selectors.allocation import (
+    Option,
+    feasible_position,
+    greedy_path,
+    last_passing,
+    plan_after,
+    walk_to_budget,
+)
 from rankcut.selectors.base import Choice, RankPolicy, Selector
 from rankcut.selectors.budget import METRICS, Budget, layer_cost
 from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES
@@ -313,27 +320,7 @@ class LossAware(Selector):
                                  f"{cheapest / total:.1%} of the factorizable {self.metric} the loss depends on")
             return walk_to_budget(options, self._target)
         start, steps = greedy_path(options)
-        return self._prefix(start, steps, self._feasible_position(start, steps))
-
-    @staticmethod
-    def _prefix(start: Mapping[str, Option], steps: Sequence[tuple[str, Option]], position: int) -> dict[str, Option]:
-        """The plan after the first ``position`` moves of a greedy path."""
-        current = dict(start)
-        for name, lower in steps[:position]:
-            current[name] = lower
-        return current
-
-    @staticmethod
-    def _feasible_position(start: Mapping[str, Option], steps: Sequence[tuple[str, Option]]) -> int:
-        """Number of greedy moves taken before the predicted total loss change would rise above zero."""
-        current = dict(start)
-        total = sum(option.error for option in current.values())
-        for index, (name, lower) in enumerate(steps):
-            total += lower.error - current[name].error
-            if total > 0:
-                return index
-            current[name] = lower
-        return len(steps)
+        return plan_after(start, steps, feasible_position(start, steps))
 
     def _allocate(self, curves: Mapping[str, LayerCurve], policy: RankPolicy, probe: LossProbe,
                   tolerance: float) -> dict[str, Option]:
@@ -427,58 +414,23 @@ class LossAware(Selector):
         start, steps = greedy_path(options)
 
         def calibration_passes(position: int) -> bool:
-            change = self._plan_change(candidates, self._prefix(start, steps, position), probe,
+            change = self._plan_change(candidates, plan_after(start, steps, position), probe,
                                        self._search_recalibration)
             return change <= self.tolerance * abs(probe.baseline)  # False for nan and inf
 
         def validation_passes(position: int) -> bool:
-            metrics = self._validate(candidates, self._prefix(start, steps, position),
+            metrics = self._validate(candidates, plan_after(start, steps, position),
                                      f"path step {position}/{len(steps)}", checks)
             return self._passes(metrics, baseline)
 
         # cheap forward passes on the probe batches bracket the search; validation confirms (and corrects)
-        first = max(1, self._feasible_position(start, steps))
-        found, refused = self._last_passing(calibration_passes, first, 0, len(steps) + 1, len(steps) + 1)
+        first = max(1, feasible_position(start, steps))
+        found, refused = last_passing(calibration_passes, first, 0, len(steps) + 1, len(steps) + 1)
         if self.criterion == "loss":  # validation confirms the calibration bracket, or searches below it
-            low, _ = self._last_passing(validation_passes, found, 0, refused, self.max_evaluations)
+            low, _ = last_passing(validation_passes, found, 0, refused, self.max_evaluations)
         else:  # a higher loss may still keep the metric: search the whole path, from the best guess
-            low, _ = self._last_passing(validation_passes, found or first, 0, len(steps) + 1, self.max_evaluations)
-        return self._prefix(start, steps, low), LOSS_AWARE
-
-    @staticmethod
-    def _last_passing(passes: Callable[[int], bool], guess: int, low: int, high: int,
-                      checks: int) -> tuple[int, int]:
-        """Narrow ``[low, high)`` (``low`` passes, ``high`` fails) to the last passing position with at most
-        ``checks`` calls of ``passes``, and return it with the first failing one.
-
-        ``guess`` is tried first. If it fails, positions are tried galloping up from ``low`` (low+1, +2, +4 …),
-        which costs few calls when the answer is near ``low`` (as when a model has nothing to give); then the
-        bracket is bisected.
-        """
-        calls = 0
-
-        def check(position: int) -> bool:
-            nonlocal calls
-            calls += 1
-            return passes(position)
-
-        if low < guess < high and checks > 0:
-            if check(guess):
-                low = guess
-            else:
-                high, step = guess, 1
-                while calls < checks and low + step < high:
-                    if not check(low + step):
-                        high = low + step
-                        break
-                    low, step = low + step, 2 * step
-        while calls < checks and high - low > 1:
-            middle = (low + high) // 2
-            if check(middle):
-                low = middle
-            else:
-                high = middle
-        return low, high
+            low, _ = last_passing(validation_passes, found or first, 0, len(steps) + 1, self.max_evaluations)
+        return plan_after(start, steps, low), LOSS_AWARE
 
     @staticmethod
     def _kept(plan: Mapping[str, Option]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Allocation across layers: each layer offers options (cost, error); walk them from dense to small by least
-error added per unit of cost saved. Shared by the energy-based budget and the loss-aware selectors."""
+error added per unit of cost saved. Shared by the energy-based budget and the loss-aware selectors, with the
+search along such a path that ``compact`` runs (plans after a number of moves, the last one that passes)."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,3 +92,57 @@ def walk_to_budget(options: Mapping[str, list[Option]], target: float) -> dict[s
         _, name, option = best
         spent += option.cost - current[name].cost
         current[name] = option
+
+
+def plan_after(start: Mapping[str, Option], steps: Sequence[tuple[str, Option]], position: int) -> dict[str, Option]:
+    """The plan after the first ``position`` moves of a greedy path (``greedy_path``)."""
+    current = dict(start)
+    for name, lower in steps[:position]:
+        current[name] = lower
+    return current
+
+
+def feasible_position(start: Mapping[str, Option], steps: Sequence[tuple[str, Option]]) -> int:
+    """Number of greedy moves taken before the path's total error would rise above zero (signed errors)."""
+    current = dict(start)
+    total = sum(option.error for option in current.values())
+    for index, (name, lower) in enumerate(steps):
+        total += lower.error - current[name].error
+        if total > 0:
+            return index
+        current[name] = lower
+    return len(steps)
+
+
+def last_passing(passes: Callable[[int], bool], guess: int, low: int, high: int, checks: int) -> tuple[int, int]:
+    """Narrow ``[low, high)`` (``low`` passes, ``high`` fails) to the last passing position with at most
+    ``checks`` calls of ``passes``, and return it with the first failing one.
+
+    ``guess`` is tried first. If it fails, positions are tried galloping up from ``low`` (low+1, +2, +4 …),
+    which costs few calls when the answer is near ``low`` (as when a model has nothing to give); then the
+    bracket is bisected.
+    """
+    calls = 0
+
+    def check(position: int) -> bool:
+        nonlocal calls
+        calls += 1
+        return passes(position)
+
+    if low < guess < high and checks > 0:
+        if check(guess):
+            low = guess
+        else:
+            high, step = guess, 1
+            while calls < checks and low + step < high:
+                if not check(low + step):
+                    high = low + step
+                    break
+                low, step = low + step, 2 * step
+    while calls < checks and high - low > 1:
+        middle = (low + high) // 2
+        if check(middle):
+            low = middle
+        else:
+            high = middle
+    return low, high
