@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 
 import matplotlib
+from common import closest_rivals
 from cost import table as cost_table
+from paired import table as paired_table
 from scale import table as scale_table
 
 matplotlib.use("Agg")
@@ -45,26 +47,14 @@ def table(results: dict, name: str) -> str:
 
 
 def lossless_check(sweeps: list[tuple[str, dict]]) -> str:
-    """Per model and budget: the best ``lossless*`` row against the best other row that met the budget.
-
-    A row met the budget when its factorizable params kept are within half a point of it (some baselines
-    cannot reach a budget and keep more); ``compact*`` rows choose their own size and are left out.
-    """
+    """Per model and budget: the best ``lossless*`` row against the best other row (``closest_rivals``)."""
     lines = ["### Is lossless the best at every budget? (generated from the sweep tables)", "",
              "| table | budget | best lossless row | best other row | lossless − other | verdict |",
              "|---|---|---|---|---|---|"]
     verdicts = []
     for name, results in sweeps:
         metric = results["metric"]
-        rows = [r for r in results["rows"] if r["budget"] is not None and not r["method"].startswith("compact")]
-        for budget in sorted({r["budget"] for r in rows}, reverse=True):
-            met = [r for r in rows if r["budget"] == budget and r["factorizable_kept"] <= budget + 0.005]
-            ours = [r for r in met if r["method"].startswith("lossless")]
-            theirs = [r for r in met if not r["method"].startswith("lossless")]
-            if not ours or not theirs:
-                continue
-            best = max(ours, key=lambda r: r["metrics"][metric])
-            rival = max(theirs, key=lambda r: r["metrics"][metric])
+        for budget, best, rival in closest_rivals(results):
             gap = best["metrics"][metric] - rival["metrics"][metric]
             verdict = "better" if gap > 1e-9 else "tie" if gap > -1e-9 else "behind"
             verdicts.append(verdict)
@@ -149,6 +139,9 @@ def main() -> None:
             continue
         if "floor_s" in results.get("rows", [{}])[0]:
             sections.append(cost_table(results))
+            continue
+        if "p_value" in results.get("rows", [{}])[0]:
+            sections.append(paired_table(results))
             continue
         if "peak_mib" in results.get("rows", [{}])[0]:
             sections.append(scale_table(results))

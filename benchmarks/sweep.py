@@ -56,26 +56,13 @@ def matched(make: Callable[[float], Selector], model: nn.Module, inventory: Inve
     return make(low), low
 
 
-def run(model_name: str, budgets: list[float], methods: list[str], repeats: int, batches: tuple[int, ...],
-        probe_samples: int | None) -> dict:
-    task = ZOO[model_name].task()
-    original = task.build_model()
+def method_builders(original: nn.Module, task, inventory: Inventory,
+                    probe_samples: int | None) -> dict[str, Callable[[float | None], tuple[nn.Module, str]]]:
+    """Every method of the sweep by name: a function of the budget (None for compact) giving the compressed
+    model and the setting it ran with."""
     inputs = task.example_inputs()
-    decomposition = "svd"
-    inventory = scan(original, inputs, decomposition)
     names = {c.name for c in inventory.factorizable()}
-    original_factorizable = sum(c.info.dense_params for c in inventory.factorizable())
-    start = time.perf_counter()
-    base_metrics = task.evaluate(original, "test")
-    eval_seconds = time.perf_counter() - start
-    results = {
-        "model": model_name, "task": task.name, "metric": task.metric_name, "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "original": {"params": count_params(original), "factorizable_params": original_factorizable,
-                     "macs": count_macs(original, inputs), "metrics": base_metrics, "eval_seconds": eval_seconds},
-        "rows": [],
-    }
-    print(f"{model_name}: original {task.metric_name}={base_metrics[task.metric_name]:.4f}", flush=True)
+
     def budget(f: float, note: str = "", **options) -> tuple[nn.Module, str]:
         """The ``budget`` selector at ``f`` with compress options (decomposition, recalibration, ...)."""
         compressed = rankcut.compress(original, f"budget:params={f}", progress=False, **options)[0]
@@ -88,7 +75,7 @@ def run(model_name: str, budgets: list[float], methods: list[str], repeats: int,
         return _loss_aware(original, task, LossAware(mode, f, progress=False, **options), decomposition)
 
     recalibrated = ", batch norms recalibrated as lossless does (ablation)"
-    builders: dict[str, Callable[[float], tuple[nn.Module, str]]] = {
+    return {
         "uniform-svd": lambda f: (rankcut.compress(original, f"fixed:{f}", progress=False)[0], f"fixed:{f}"),
         "energy": lambda f: _selector(original, inventory, lambda k: Energy(max(k, 1e-6)), f, "energy"),
         "evbmf": lambda f: _selector(original, inventory, lambda k: EVBMF(weakening=1 - k), f, "evbmf"),
@@ -113,6 +100,29 @@ def run(model_name: str, budgets: list[float], methods: list[str], repeats: int,
         "compact": lambda f: loss_aware("compact", None),
         "compact-metric": lambda f: loss_aware("compact", None, criterion="metric"),
     }
+
+
+def run(model_name: str, budgets: list[float], methods: list[str], repeats: int, batches: tuple[int, ...],
+        probe_samples: int | None) -> dict:
+    task = ZOO[model_name].task()
+    original = task.build_model()
+    inputs = task.example_inputs()
+    decomposition = "svd"
+    inventory = scan(original, inputs, decomposition)
+    names = {c.name for c in inventory.factorizable()}
+    original_factorizable = sum(c.info.dense_params for c in inventory.factorizable())
+    start = time.perf_counter()
+    base_metrics = task.evaluate(original, "test")
+    eval_seconds = time.perf_counter() - start
+    results = {
+        "model": model_name, "task": task.name, "metric": task.metric_name, "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "original": {"params": count_params(original), "factorizable_params": original_factorizable,
+                     "macs": count_macs(original, inputs), "metrics": base_metrics, "eval_seconds": eval_seconds},
+        "rows": [],
+    }
+    print(f"{model_name}: original {task.metric_name}={base_metrics[task.metric_name]:.4f}", flush=True)
+    builders = method_builders(original, task, inventory, probe_samples)
     sizeless = [m for m in methods if m in SIZELESS]  # they choose their own size: one run each
     runs = [(f, m) for f in budgets for m in methods if m not in SIZELESS] + [(None, m) for m in sizeless]
     for fraction, method in runs:

@@ -94,6 +94,10 @@ def test_evaluate_pretrained_model_is_well_above_chance(task: WordNetGlossTask, 
     assert math.isfinite(metrics["loss"])
     assert metrics["loss"] > 0
     assert task.evaluate(model, "test") == pytest.approx(metrics)
+    logits, targets = task.retrieval_logits(model, "test")  # the same scores, gloss by gloss
+    assert targets.shape == (logits.shape[0],) == (len(task.splits["test"]),)
+    assert int(targets.max()) < logits.shape[1]
+    assert float((logits.argmax(1) == targets).float().mean()) == metrics["acc@1"]
     with pytest.raises(ValueError, match="split"):
         task.evaluate(model, "train")
 

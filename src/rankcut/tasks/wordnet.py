@@ -257,14 +257,20 @@ class WordNetGlossTask:
         Synsets sharing a first lemma share one candidate, so either counts as correct. The loss is the
         cross-entropy over all candidates of the split, averaged over glosses.
         """
+        logits, targets = self.retrieval_logits(model, split)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == targets.unsqueeze(1)
+        return {
+            "acc@1": hits[:, 0].float().mean().item(),
+            "acc@5": hits.any(dim=1).float().mean().item(),
+            "loss": F.cross_entropy(logits, targets).item(),
+        }
+
+    def retrieval_logits(self, model: nn.Module, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled cosine similarities of ``split``'s glosses (rows, shortest first) to its candidate lemmas
+        (columns), and each gloss's right column: what ``evaluate`` scores, gloss by gloss."""
         data = self._data(split)
         logits = (
             self._embed_batches(model, data.gloss_batches) @ self._embed_batches(model, data.lemma_batches).T
         ) / TEMPERATURE
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == data.targets.unsqueeze(1)
-        return {
-            "acc@1": hits[:, 0].float().mean().item(),
-            "acc@5": hits.any(dim=1).float().mean().item(),
-            "loss": F.cross_entropy(logits, data.targets).item(),
-        }
+        return logits, data.targets
