@@ -49,6 +49,11 @@ def mcnemar_p(only_first: int, only_second: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def p_text(p: float) -> str:
+    """A p-value to three decimals, or "< 0.001"."""
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
 def compare(path: Path) -> list[dict]:
     """The paired test of every budget's lossless row against its closest rival in one sweep file."""
     results = json.loads(path.read_text())
@@ -73,7 +78,7 @@ def compare(path: Path) -> list[dict]:
                "p_value": mcnemar_p(only_ours, only_rival)}
         rows.append(row)
         print(f"{path.stem} {budget:.0%}: {ours['method']} {rebuilt[ours['method']]:.4f} vs {rival['method']} "
-              f"{rebuilt[rival['method']]:.4f}: {only_ours} / {only_rival} examples, p = {row['p_value']:.3f}",
+              f"{rebuilt[rival['method']]:.4f}: {only_ours} / {only_rival} examples, p = {row['p_value']:.2g}",
               flush=True)
     return rows
 
@@ -87,7 +92,7 @@ def table(results: dict) -> str:
     for row in results["rows"]:
         same = all(abs(row["rebuilt"][name] - value) < 5e-5 for name, value in row["in_table"].items())
         lines.append(f"| {row['table']} | {row['budget']:.0%} | {row['lossless']} | {row['rival']} | "
-                     f"{row['only_lossless_right']} | {row['only_rival_right']} | {row['p_value']:.3f} | "
+                     f"{row['only_lossless_right']} | {row['only_rival_right']} | {p_text(row['p_value'])} | "
                      f"{'yes' if same else 'no: ' + str(row['rebuilt'])} |")
     return "\n".join(lines)
 
