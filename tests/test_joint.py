@@ -416,6 +416,17 @@ def test_lossless_respects_its_budget(fraction):
     assert checks in (["original", "loss-aware", "energy budget"], ["original", "re-expanded", "energy budget"])
 
 
+@pytest.mark.parametrize("mode, fraction", [("lossless", 0.35), ("compact", None)])
+def test_the_same_data_gives_the_same_plan(mode, fraction):
+    """Two runs on the same calibration and validation data choose the same ranks, components and reasons."""
+    task = ToyTask()
+    plans = [rankcut.make_plan(task.build_model(), LossAware(mode, fraction, calibration_samples=64, batch_size=16,
+                                                             progress=False), task=task)
+             for _ in range(2)]
+    assert [layer.to_dict() for layer in plans[0].layers] == [layer.to_dict() for layer in plans[1].layers]
+    assert plans[0].meta["selection"]["validation_checks"] == plans[1].meta["selection"]["validation_checks"]
+
+
 @pytest.mark.parametrize("reexpansions", [0, 2])
 def test_a_re_expansion_is_kept_only_when_the_whole_plans_measured_loss_falls(reexpansions):
     task = ToyTask()
