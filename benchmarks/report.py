@@ -133,15 +133,19 @@ def main() -> None:
     loaded = [(path, json.loads(path.read_text())) for path in args.results]
     sections.append(lossless_check([(path.stem, results) for path, results in loaded if "metrics" in
                                     results.get("rows", [{}])[0]]))
+    def is_paired(results: dict) -> bool:
+        return "p_value" in results.get("rows", [{}])[0]
+
+    # the verdicts' significance, right after them
+    sections += [paired_table(results) for _, results in loaded if is_paired(results)]
     for path, results in loaded:
+        if is_paired(results):
+            continue
         if "arms" in results:
             sections.append(compressible_table(results))
             continue
         if "floor_s" in results.get("rows", [{}])[0]:
             sections.append(cost_table(results))
-            continue
-        if "p_value" in results.get("rows", [{}])[0]:
-            sections.append(paired_table(results))
             continue
         if "peak_mib" in results.get("rows", [{}])[0]:
             sections.append(scale_table(results))
