@@ -30,14 +30,10 @@ from rankcut.tasks.wordnet import WordNetGlossTask
 
 def right_examples(model: nn.Module, task: FashionMNISTTask | WordNetGlossTask) -> torch.Tensor:
     """Per test example: whether the model gets it right at the task's headline metric (top 1)."""
-    model.eval()
     if isinstance(task, WordNetGlossTask):
         logits, targets = task.retrieval_logits(model, "test")
         return logits.argmax(1) == targets
-    images, labels = task.split_tensors("test")
-    with torch.no_grad():
-        return torch.cat([model(images[start : start + 500]).argmax(1) == labels[start : start + 500]
-                          for start in range(0, len(labels), 500)])
+    return torch.cat([logits.argmax(1) == labels for logits, labels in task.batch_logits(model, "test")])
 
 
 def mcnemar_p(only_first: int, only_second: int) -> float:

@@ -145,3 +145,7 @@ def test_committed_weights_classify_validation_images(name: str) -> None:
     metrics = task.evaluate(model, "validation")
     assert metrics["accuracy"] > 0.85
     assert 0 < metrics["loss"] < 0.5
+    batches = task.batch_logits(model, "validation")  # the same scores, image by image
+    assert sum(len(labels) for _, labels in batches) == 500
+    correct = torch.cat([logits.argmax(1) == labels for logits, labels in batches])
+    assert int(correct.sum()) / len(correct) == metrics["accuracy"]

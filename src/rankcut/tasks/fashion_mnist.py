@@ -181,20 +181,26 @@ class FashionMNISTTask:
         A model in training mode is switched to eval mode for the evaluation and back afterwards, so that
         batch-norm statistics and dropout do not change the result.
         """
+        correct, total_loss, count = 0, 0.0, 0
+        for logits, targets in self.batch_logits(model, split):
+            correct += int((logits.argmax(dim=1) == targets).sum())
+            total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
+            count += len(targets)
+        return {"accuracy": correct / count, "loss": total_loss / count}
+
+    def batch_logits(self, model: nn.Module, split: str = "test") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The model's logits and the labels of ``split``, batch by batch: what ``evaluate`` scores, image by
+        image (eval mode and no gradients, as there)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         images, labels = self.split_tensors(split)
         device = model_device(model)
         was_training = model.training
         model.eval()
-        correct, total_loss = 0, 0.0
         try:
             with torch.no_grad():
-                for start in range(0, len(labels), self.eval_batch_size):
-                    logits = model(images[start : start + self.eval_batch_size].to(device))
-                    targets = labels[start : start + self.eval_batch_size].to(device)
-                    correct += int((logits.argmax(dim=1) == targets).sum())
-                    total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
+                return [(model(images[start : start + self.eval_batch_size].to(device)),
+                         labels[start : start + self.eval_batch_size].to(device))
+                        for start in range(0, len(labels), self.eval_batch_size)]
         finally:
             model.train(was_training)
-        return {"accuracy": correct / len(labels), "loss": total_loss / len(labels)}
