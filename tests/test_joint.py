@@ -400,6 +400,9 @@ def test_compact_finds_the_planted_rank():
     assert task.evaluate(compressed, "test")["loss"] < task.evaluate(model, "test")["loss"]
     selection = report.plan.meta["selection"]
     assert selection["mode"] == "compact" and selection["validation_checks"][0]["plan"] == "original"
+    seconds = selection["seconds"]  # every step of the selection is timed, none twice
+    parts = sum(value for step, value in seconds.items() if step != "total")
+    assert min(seconds.values()) >= 0 and parts == pytest.approx(seconds["total"], abs=0.05)
 
 
 @pytest.mark.parametrize("fraction", [0.6, 0.35])

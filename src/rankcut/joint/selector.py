@@ -189,9 +189,11 @@ class LossAware(Selector):
         self._validation_seconds = 0.0
         checks: list[dict[str, Any]] = []
         chosen, source = self._verify(by_name, curves, policy, chosen, source, checks, probe)
+        verify_seconds = time.perf_counter() - start - statistics_seconds - probing_seconds - reexpansion_seconds
         self._measure([(curves[name], option.note) for name, option in chosen.items()
                        if option.rank is not None and source == LOSS_AWARE], probe, "measuring the plan")
         kept = self._kept(chosen)
+        measured_change = probe.change(by_name, kept) if kept else 0.0  # nothing truncated: exactly no change
         if disk is not None:  # every process: with a cache folder per node, each node keeps its own entry
             memo.save(disk, key, stats, {name: curve.probes for name, curve in curves.items()}, probe.baseline)
         self.summary = {
@@ -204,12 +206,15 @@ class LossAware(Selector):
             "predicted_loss_change": (self._reexpansion["predicted_loss_change"] if source == REEXPANDED else
                                       sum(curves[name].estimate(option.note) for name, option in chosen.items()
                                           if option.rank is not None and source != ENERGY)),
-            "measured_loss_change": probe.change(by_name, kept),
+            "measured_loss_change": measured_change,
             "reexpansion": self._reexpansion,
             "validation_checks": checks,
             "seconds": {"statistics": round(statistics_seconds, 2), "probes_and_allocation": round(probing_seconds, 2),
                         "reexpansion": round(reexpansion_seconds, 2),
                         "validation": round(self._validation_seconds, 2),
+                        "search_on_probe_batches": round(verify_seconds - self._validation_seconds, 2),
+                        "measuring_the_plan": round(time.perf_counter() - start - statistics_seconds
+                                                    - probing_seconds - reexpansion_seconds - verify_seconds, 2),
                         "total": round(time.perf_counter() - start, 2)},
         }
         choices = {name: self._choice(curves[name], chosen[name], tolerance, source, policy) for name in by_name}
