@@ -1,4 +1,5 @@
-# `make demo` compresses the built-in real model on real data; `make test` runs lint and the test suite;
+# `make demo` compresses a built-in trained model on real data, its ranks chosen with its loss; `make test`
+# runs lint and the test suite;
 # `make bench` runs the default benchmark sweep (ResNet-20 and MiniLM, two budgets, every method) into
 # runs/bench/, every selector at its defaults: about 21 minutes on 2 cores (benchmarks/PREAMBLE.md has the last
 # timing). All install what they need first (Debian datasets + .venv).
@@ -18,7 +19,8 @@ $(STAMP): pyproject.toml constraints.txt scripts/install.sh
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/rankcut compress minilm --select fixed:0.9 --out runs/minilm --report runs/minilm-report.json --force
+	$(VENV)/bin/rankcut compress vgg --task fashion-mnist --select lossless --target params=0.3 \
+		--out runs/vgg --report runs/vgg-report.json --force
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts benchmarks
