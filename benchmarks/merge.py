@@ -20,13 +20,21 @@ def key(row: dict) -> tuple[str, float | None]:
     return (row["method"], None if row["method"] in SIZELESS else round(row["budget"], 6))
 
 
+def date_span(*dates: str) -> str:
+    """The days the rows of merged runs come from: ``2026-11-23`` or ``2026-11-23 to 2026-11-24``."""
+    days = sorted({day for text in dates for day in text.split(" to ")})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
 def merge(target: dict, new: dict, budgets: set[float] | None) -> dict:
-    """``target`` with ``new``'s rows (those at ``budgets``, when given) in place of the same keys."""
+    """``target`` with ``new``'s rows (those at ``budgets``, when given) in place of the same keys; its date
+    becomes the span of both runs' dates."""
     if (target["model"], target["original"]["metrics"]) != (new["model"], new["original"]["metrics"]):
         raise ValueError("the two files are not runs of the same model with the same original metrics")
     rows = [r for r in new["rows"] if budgets is None or r["method"] in SIZELESS or round(r["budget"], 6) in budgets]
     replaced = {key(r) for r in rows}
-    return {**target, "rows": [r for r in target["rows"] if key(r) not in replaced] + rows}
+    return {**target, "date": date_span(target["date"], new["date"]),
+            "rows": [r for r in target["rows"] if key(r) not in replaced] + rows}
 
 
 def main() -> None:
