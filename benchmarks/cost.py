@@ -3,10 +3,11 @@
     python benchmarks/cost.py resnet56 minilm --out results/cost.json
 
 The floor is one SVD of every factorizable layer plus one evaluation pass over the validation split. That is
-what a method that reads the spectra and checks its result once cannot avoid. Both the evaluation and
-compact are timed ``--repeats`` times (default 3) and the median is kept: single passes varied by 40%
-between runs. The table gives compact's time, split into its steps (those of its median run), and its
-ratio to the floor. Same process, 2 cores.
+what a method that reads the spectra and checks its result once cannot avoid. The same evaluation took
+6.3 s or 9.3 s in one process, an hour apart in the same session, so compact (``--repeats`` runs, default 3)
+and the evaluation (one more than that) are timed in turn, and the medians are kept, with their ranges.
+The table gives compact's time, split into its steps (those of its median run), and its ratio to the
+floor. Same process, 2 cores.
 """
 
 from __future__ import annotations
@@ -48,8 +49,13 @@ def measure(model_name: str, probe_samples: int | None, repeats: int) -> dict:
     for candidate in scan(model, decomposition="svd").factorizable():
         candidate.basis()
     svd_seconds = time.perf_counter() - start
-    eval_seconds = statistics.median(_seconds(lambda: task.evaluate(model, "validation")) for _ in range(repeats))
-    runs = sorted((_timed_compact(model, task, probe_samples) for _ in range(repeats)), key=lambda run: run[0])
+    evaluations, runs = [], []
+    for _ in range(repeats):  # interleaved, so that the machine's drift reaches both alike
+        evaluations.append(_seconds(lambda: task.evaluate(model, "validation")))
+        runs.append(_timed_compact(model, task, probe_samples))
+    evaluations.append(_seconds(lambda: task.evaluate(model, "validation")))
+    eval_seconds = statistics.median(evaluations)
+    runs.sort(key=lambda run: run[0])
     compact_seconds, selector, plan = runs[len(runs) // 2]
     summary = plan.meta["selection"]
     supported = [layer for layer in plan.layers if layer.supported]
@@ -63,21 +69,27 @@ def measure(model_name: str, probe_samples: int | None, repeats: int) -> dict:
            "search_s": summary["seconds"]["search_on_probe_batches"],
            "measuring_s": summary["seconds"]["measuring_the_plan"],
            "validation_checks": len(summary["validation_checks"]), "probe_measurements": summary["probe_measurements"],
-           "factorizable_kept": kept, "repeats": repeats}
+           "factorizable_kept": kept, "repeats": repeats,
+           "eval_range_s": [min(evaluations), max(evaluations)], "compact_range_s": [runs[0][0], runs[-1][0]]}
     print(f"{model_name}: floor {floor:.1f} s (SVDs {svd_seconds:.1f} + eval {eval_seconds:.1f}), compact "
           f"{compact_seconds:.1f} s = {row['ratio']:.1f}x floor, kept {kept:.1%}", flush=True)
     return row
 
 
+def _span(bounds: list[float]) -> str:
+    return f"{bounds[0]:.1f}–{bounds[1]:.1f}"
+
+
 def table(results: dict) -> str:
     lines = [f"### Cost of `compact` ({results['date']}, {results['machine']})", "",
-             "| model | SVD of every layer s | one validation eval s | floor s | compact s | × floor "
+             "| model | SVD of every layer s | one validation eval s (range) | floor s | compact s (range) | × floor "
              "| statistics pass s | probes + allocation s | search on probe batches s | validation s "
              "| measuring the plan s | probes (samples each) | validation checks | factorizable params kept |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
-        lines.append(f"| {row['model']} | {row['svd_s']:.1f} | {row['eval_s']:.1f} | {row['floor_s']:.1f} | "
-                     f"{row['compact_s']:.1f} | {row['ratio']:.1f} | {row['statistics_s']:.1f} | "
+        lines.append(f"| {row['model']} | {row['svd_s']:.1f} | {row['eval_s']:.1f} ({_span(row['eval_range_s'])}) | "
+                     f"{row['floor_s']:.1f} | {row['compact_s']:.1f} ({_span(row['compact_range_s'])}) | "
+                     f"{row['ratio']:.1f} | {row['statistics_s']:.1f} | "
                      f"{row['probes_s']:.1f} | {row['search_s']:.1f} | "
                      f"{row['validation_s']:.1f} | {row['measuring_s']:.1f} | "
                      f"{row['probe_measurements']} ({row['probe_samples']}) | "
