@@ -7,6 +7,8 @@ from click.testing import CliRunner
 
 from rankcut.cli import main
 
+from toy_models import needs_fashion_mnist
+
 TOY = ["toy_models:cnn_factory", "--input-shape", "2,3,16,16"]
 
 
@@ -70,10 +72,19 @@ def test_compress_refuses_unsafe_outputs(tmp_path):
     (["inspect", "toy_models:cnn_factory", "--input-shape", "a,b"], "--input-shape"),
     (["compress", *TOY, "--ignore", "heads"], "'heads'"),
     (["eval", "toy_models:cnn_factory"], "pass --task"),
+    (["compress", "toy_models:cnn_factory", "--input-shape", "2,5,16,16"],
+     "the model does not run on its example inputs (2x5x16x16): RuntimeError"),
 ])
 def test_clear_errors(args, message):
     result = run(*args)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+@needs_fashion_mnist
+def test_eval_with_a_task_made_for_another_model_says_so():
+    result = run("eval", "toy_models:cnn_factory", "--task", "fashion-mnist")
+    assert result.exit_code == 2, result.output
+    assert "does not run on its example inputs (1x1x28x28): RuntimeError" in result.output
 
 
 def test_minilm_end_to_end(tmp_path):

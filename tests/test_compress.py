@@ -184,6 +184,11 @@ def test_bad_selector_specs(cnn, spec, message):
         rankcut.compress(cnn, spec, progress=False)
 
 
+def test_inputs_the_model_does_not_take_are_refused_naming_them(cnn):
+    with pytest.raises(ValueError, match=r"does not run on its example inputs \(2x5x16x16\): RuntimeError"):
+        rankcut.compress(cnn, "fixed:0.5", example_inputs=torch.randn(2, 5, 16, 16), progress=False)
+
+
 def test_bad_round_to_and_decomposition(cnn):
     with pytest.raises(ValueError, match="round_to"):
         rankcut.compress(cnn, "fixed:0.5", round_to=0, progress=False)

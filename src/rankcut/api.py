@@ -23,7 +23,7 @@ from rankcut.plan import LayerPlan, Plan
 from rankcut.recalibration import BatchNormRecalibration, batch_norms
 from rankcut.report import Report
 from rankcut.selectors import Choice, RankPolicy, Selector, parse_selector
-from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, ModelInputs, Task
+from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, ModelInputs, Task, describe_inputs
 
 PLAN_ATTRIBUTE = "_rankcut_plan"
 
@@ -303,12 +303,3 @@ def _recalibration(model: nn.Module, selector: Selector, task: Task | None, samp
     if samples < 1:
         raise ValueError(f"recalibration_samples must be positive, got {samples}")
     return BatchNormRecalibration(model, list(task.calibration_batches(samples, BATCH_SIZE)), task.loss)
-
-
-def describe_inputs(inputs: ModelInputs) -> str:
-    """A short description of example inputs, e.g. ``input_ids 8x23`` or ``1x1x28x28``."""
-    if isinstance(inputs, Mapping):
-        items: Sequence = [(k, v) for k, v in inputs.items() if hasattr(v, "shape")][:1]
-        return ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in items)
-    first = inputs[0] if isinstance(inputs, tuple) else inputs
-    return "x".join(map(str, first.shape)) if hasattr(first, "shape") else type(first).__name__

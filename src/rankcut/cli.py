@@ -12,7 +12,7 @@ from click.core import ParameterSource
 
 from rankcut import hf
 from rankcut.api import compress as compress_model
-from rankcut.api import describe_inputs, gather_inputs
+from rankcut.api import gather_inputs
 from rankcut.checkpoint import CheckpointError, prepare_output_dir, save, write_text_atomic
 from rankcut.counting import count_macs, count_params
 from rankcut.distributed import Group, init_from_environment
@@ -24,7 +24,7 @@ from rankcut.report import describe_other_modules
 from rankcut.selectors import EXAMPLES, Selector, parse_selector
 from rankcut.sources import ZOO, ModelSource, build_source_model, resolve_model, resolve_task
 from rankcut.spectrum_report import spectrum_report
-from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, ModelInputs, Task
+from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, ModelInputs, Task, describe_inputs, run_example
 
 MODEL_HELP = ("MODEL: a zoo name (" + ", ".join(sorted(ZOO)) + "), a saved rankcut directory, a Hugging Face "
               "model directory (config.json + safetensors), or 'package.module:factory' (with --weights "
@@ -256,6 +256,7 @@ def evaluate(model: str, weights: str | None, task: str | None, split: str) -> N
     if task_obj is None:
         _fail("this model has no default task: pass --task")
     try:
+        run_example(source.model, task_obj.example_inputs())  # a task made for another model fails clearly
         metrics = task_obj.evaluate(source.model, split)
     except ValueError as error:
         _fail(str(error))

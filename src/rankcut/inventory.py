@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from rankcut.bases import BasisStore
 from rankcut.layers import Decomposition, Factorized, LayerInfo, describe_layer, get_decomposition
 from rankcut.layers.info import kernel_of
-from rankcut.tasks.base import ModelInputs, call_model
+from rankcut.tasks.base import ModelInputs, run_example
 
 IgnoreSpec = Sequence[str | type[nn.Module]]
 DecompositionSpec = str | Mapping[str, str]
@@ -163,8 +163,7 @@ def measure_positions(model: nn.Module, modules: Mapping[str, nn.Module],
         info = describe_layer(name, module)
         handles.append(module.register_forward_hook(hook(name, (info.in_channels, info.out_channels))))
     try:
-        with torch.no_grad():
-            call_model(model, example_inputs)
+        run_example(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -7,7 +7,7 @@ object with the same attributes (``module:function`` on the command line).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -30,6 +30,27 @@ def call_model(model: nn.Module, inputs: ModelInputs) -> Any:
         return model(*inputs)
     return model(inputs)
 
+
+def describe_inputs(inputs: ModelInputs) -> str:
+    """A short description of example inputs, e.g. ``input_ids 8x23`` or ``1x1x28x28``."""
+    if isinstance(inputs, Mapping):
+        items: Sequence = [(k, v) for k, v in inputs.items() if hasattr(v, "shape")][:1]
+        return ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in items)
+    first = inputs[0] if isinstance(inputs, tuple) else inputs
+    return "x".join(map(str, first.shape)) if hasattr(first, "shape") else type(first).__name__
+
+
+def run_example(model: nn.Module, inputs: ModelInputs) -> Any:
+    """``call_model`` without gradients on example inputs; a model that cannot take them raises a ``ValueError``
+    that names the inputs and what would fit, with the model's own message."""
+    try:
+        with torch.no_grad():
+            return call_model(model, inputs)
+    except Exception as error:
+        raise ValueError(f"the model does not run on its example inputs ({describe_inputs(inputs)}): "
+                         f"{type(error).__name__}: {error}. Give inputs it takes: a task made for this model "
+                         "(--task / task=) or example inputs of its shape (--input-shape / example_inputs=)"
+                         ) from error
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (the CPU for a model without parameters)."""
