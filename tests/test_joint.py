@@ -405,6 +405,19 @@ def test_compact_finds_the_planted_rank():
     assert min(seconds.values()) >= 0 and parts == pytest.approx(seconds["total"], abs=0.05)
 
 
+def test_compact_stops_when_the_paths_first_step_fails_validation(monkeypatch):
+    """Every plan passes the probe batches and fails validation: the first step's validation check ends the
+    search, so nothing is truncated after two validation evaluations (the original's and the first step's)."""
+    monkeypatch.setattr(LossAware, "_plan_change", lambda *args: -1.0)
+    monkeypatch.setattr(LossAware, "_passes", lambda self, metrics, baseline: False)
+    task = ToyTask()
+    plan = rankcut.make_plan(task.build_model(), LossAware("compact", calibration_samples=64, batch_size=16,
+                                                           progress=False), task=task)
+    checks = [check["plan"] for check in plan.meta["selection"]["validation_checks"]]
+    assert checks[0] == "original" and len(checks) == 2 and checks[1].startswith("path step 1/")
+    assert all(layer.rank is None for layer in plan.layers)
+
+
 @pytest.mark.parametrize("fraction", [0.6, 0.35])
 def test_lossless_respects_its_budget(fraction):
     task = ToyTask()

@@ -24,6 +24,7 @@ Steps, all without fine-tuning and without touching the test split:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -404,10 +405,11 @@ class LossAware(Selector):
         """Check plans with the task's real evaluation on the validation split; return the kept one and its source.
 
         lossless: the better (metric, then loss) of this plan and the energy-based budget plan of the same size.
-        compact: a search along the greedy path, first with the probe batches' loss (forward passes on a few
-        calibration samples) for the longest prefix that does not raise it, then on validation from there for
-        the longest prefix that passes ``_passes`` (never longer than the calibration bracket, unless
-        ``criterion="metric"``).
+        compact: a search along the greedy path. Its first step is checked first, on the probe batches then on
+        validation; a model that fails it keeps everything. Otherwise the probe batches' loss (forward passes
+        on the calibration samples) finds the longest prefix that does not raise it, then validation, from
+        there, the longest prefix that passes ``_passes`` (never longer than the calibration bracket, unless
+        ``criterion="metric"``). No position is measured twice.
         """
         baseline = self._validate(candidates, {}, "original", checks)
         if self.mode == "lossless":
@@ -418,16 +420,22 @@ class LossAware(Selector):
         options = {name: self._options(curve, policy) for name, curve in curves.items()}
         start, steps = greedy_path(options)
 
+        @functools.cache
         def calibration_passes(position: int) -> bool:
             change = self._plan_change(candidates, plan_after(start, steps, position), probe,
                                        self._search_recalibration)
             return change <= self.tolerance * abs(probe.baseline)  # False for nan and inf
 
+        @functools.cache
         def validation_passes(position: int) -> bool:
             metrics = self._validate(candidates, plan_after(start, steps, position),
                                      f"path step {position}/{len(steps)}", checks)
             return self._passes(metrics, baseline)
 
+        # a model that cannot afford the path's first step, on calibration then on validation, has nothing to
+        # give: no search (longer steps that pass after a failing first one are passes of noise)
+        if not steps or not calibration_passes(1) or not validation_passes(1):
+            return plan_after(start, steps, 0), LOSS_AWARE
         # cheap forward passes on the probe batches bracket the search; validation confirms (and corrects)
         first = max(1, feasible_position(start, steps))
         found, refused = last_passing(calibration_passes, first, 0, len(steps) + 1, len(steps) + 1)
@@ -457,8 +465,12 @@ class LossAware(Selector):
     def _recalibrated(self, recalibration: BatchNormRecalibration | None,
                       kept: Mapping[str, Any]) -> AbstractContextManager[Any]:
         """The batch-norm recalibration a truncated model is measured with (none when nothing is truncated:
-        the paired shift is then exactly zero)."""
-        return nullcontext() if recalibration is None or not kept else recalibration.applied(self.model)
+        the paired shift is then exactly zero). ``kept`` must be all that is truncated: it keys the estimate,
+        so a plan measured on the probe batches and then on validation is estimated once."""
+        if recalibration is None or not kept:
+            return nullcontext()
+        key = tuple(sorted(kept.items())) if all(isinstance(part, tuple) for part in kept.values()) else None
+        return recalibration.applied(self.model, key)
 
     def _score(self, metrics: Mapping[str, float]) -> tuple[float, float]:
         return metrics.get(self.task.metric_name, 0.0), -metrics.get("loss", 0.0)
