@@ -76,6 +76,25 @@ def test_applied_restores_the_statistics_afterwards():
         assert torch.equal(buffer, before[name]), name
 
 
+def test_an_estimate_made_under_a_key_is_reused_for_it():
+    """The same key gives the same shift without running the batches again; another key runs them."""
+    model = _conv_bn()
+    calls = []
+    forward = lambda module, batch: calls.append(1) or module(batch)  # noqa: E731
+    recalibration = BatchNormRecalibration(model, _batches(), forward)
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    shifted = []
+    for key in ("doubled", "doubled", None):
+        calls.clear()
+        with recalibration.applied(model, key):
+            shifted.append(_buffers(model))
+        shifted[-1]["passes"] = len(calls)
+    assert [state.pop("passes") for state in shifted] == [3, 0, 3]
+    for name, buffer in shifted[0].items():
+        assert torch.equal(buffer, shifted[1][name]) and torch.equal(buffer, shifted[2][name]), name
+
+
 def test_a_channel_with_no_variance_keeps_its_variance():
     model = _conv_bn()
     with torch.no_grad():

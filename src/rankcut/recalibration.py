@@ -11,7 +11,7 @@ change keeps its statistics exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -69,15 +69,24 @@ class BatchNormRecalibration:
         if not self.batches:
             raise ValueError("batch-norm recalibration needs at least one calibration batch")
         self.reference = estimate(model, self.batches, forward)
+        self._estimates: dict[Hashable, Statistics] = {}
 
-    def apply(self, model: nn.Module) -> int:
-        """Shift ``model``'s running statistics by (its estimate − the original's); the number of batch norms."""
+    def apply(self, model: nn.Module, key: Hashable | None = None) -> int:
+        """Shift ``model``'s running statistics by (its estimate − the original's); the number of batch norms.
+
+        ``key`` names the model's weights (e.g. which components each truncated layer keeps): the estimate
+        made under a key is reused for it, which saves the forward passes when one plan is measured twice.
+        """
         norms = batch_norms(model)
         missing = sorted(set(self.reference) - set(norms))
         if missing:
             raise ValueError(f"batch norms {missing[:3]} of the original model are missing from the one to "
                              "recalibrate: recalibrate a factorized copy of the same model")
-        current = estimate(model, self.batches, self.forward)
+        current = self._estimates.get(key) if key is not None else None
+        if current is None:
+            current = estimate(model, self.batches, self.forward)
+            if key is not None:
+                self._estimates[key] = current
         with torch.no_grad():
             for name, (mean, var) in current.items():
                 reference_mean, reference_var = self.reference[name]
@@ -93,8 +102,9 @@ class BatchNormRecalibration:
                 "how": "paired shift of running statistics (rankcut.recalibration), forward passes only"}
 
     @contextmanager
-    def applied(self, model: nn.Module) -> Iterator[None]:
-        """Within the block, ``model``'s batch norms carry the shift; their statistics are restored afterwards."""
+    def applied(self, model: nn.Module, key: Hashable | None = None) -> Iterator[None]:
+        """Within the block, ``model``'s batch norms carry the shift (``apply``); their statistics are restored
+        afterwards."""
         with _buffers_restored(list(batch_norms(model).values())):
-            self.apply(model)
+            self.apply(model, key)
             yield
