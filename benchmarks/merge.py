@@ -4,13 +4,15 @@
 
 A row replaces the target's row of the same method and budget; ``compact`` and ``compact-metric`` choose
 their own size, so theirs replace by method. ``--budgets`` keeps only the new run's rows at those budgets
-(and the size-choosing ones). The two runs must be of the same model, task and original metrics.
+(and the size-choosing ones). The two runs must be of the same model, task and original metrics (to 1e-6:
+float sums differ slightly between CPUs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from sweep import SIZELESS
@@ -29,7 +31,9 @@ def date_span(*dates: str) -> str:
 def merge(target: dict, new: dict, budgets: set[float] | None) -> dict:
     """``target`` with ``new``'s rows (those at ``budgets``, when given) in place of the same keys; its date
     becomes the span of both runs' dates."""
-    if (target["model"], target["original"]["metrics"]) != (new["model"], new["original"]["metrics"]):
+    before, after = target["original"]["metrics"], new["original"]["metrics"]
+    if target["model"] != new["model"] or before.keys() != after.keys() or not all(
+            math.isclose(before[name], after[name], rel_tol=1e-6) for name in before):  # float sums vary by CPU
         raise ValueError("the two files are not runs of the same model with the same original metrics")
     rows = [r for r in new["rows"] if budgets is None or r["method"] in SIZELESS or round(r["budget"], 6) in budgets]
     replaced = {key(r) for r in rows}
