@@ -118,9 +118,10 @@ def last_passing(passes: Callable[[int], bool], guess: int, low: int, high: int,
     """Narrow ``[low, high)`` (``low`` passes, ``high`` fails) to the last passing position with at most
     ``checks`` calls of ``passes``, and return it with the first failing one.
 
-    ``guess`` is tried first. If it fails, positions are tried galloping up from ``low`` (low+1, +2, +4 …),
-    which costs few calls when the answer is near ``low`` (as when a model has nothing to give); then the
-    bracket is bisected.
+    ``guess`` is tried first. Then positions are tried galloping up from the last passing one (low+1, +2,
+    +4 …): from ``low`` when the guess fails, which costs few calls when the answer is near ``low`` (as when
+    a model has nothing to give), and from the guess when it passes, which costs few when the answer is near
+    the guess. The bracket found is then bisected.
     """
     calls = 0
 
@@ -133,12 +134,13 @@ def last_passing(passes: Callable[[int], bool], guess: int, low: int, high: int,
         if check(guess):
             low = guess
         else:
-            high, step = guess, 1
-            while calls < checks and low + step < high:
-                if not check(low + step):
-                    high = low + step
-                    break
-                low, step = low + step, 2 * step
+            high = guess
+        step = 1
+        while calls < checks and low + step < high:
+            if not check(low + step):
+                high = low + step
+                break
+            low, step = low + step, 2 * step
     while calls < checks and high - low > 1:
         middle = (low + high) // 2
         if check(middle):
