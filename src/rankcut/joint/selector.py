@@ -433,7 +433,7 @@ class LossAware(Selector):
             return self._passes(metrics, baseline)
 
         # a model that cannot afford the path's first step, on calibration then on validation, has nothing to
-        # give: no search (longer steps that pass after a failing first one are passes of noise)
+        # give: no search (a longer step that passed after a failing first one would most likely pass on noise)
         if not steps or not calibration_passes(1) or not validation_passes(1):
             return plan_after(start, steps, 0), LOSS_AWARE
         # cheap forward passes on the probe batches bracket the search; validation confirms (and corrects)
