@@ -46,6 +46,11 @@ def table(results: dict, name: str) -> str:
     return "\n".join(lines)
 
 
+def is_paired(results: dict) -> bool:
+    """A results file of ``paired.py`` (its rows carry p-values)."""
+    return "p_value" in results.get("rows", [{}])[0]
+
+
 def lossless_check(sweeps: list[tuple[str, dict]]) -> str:
     """Per model and budget: the best ``lossless*`` row against the best other row (``closest_rivals``)."""
     lines = ["### Is lossless the best at every budget? (generated from the sweep tables)", "",
@@ -133,9 +138,6 @@ def main() -> None:
     loaded = [(path, json.loads(path.read_text())) for path in args.results]
     sections.append(lossless_check([(path.stem, results) for path, results in loaded if "metrics" in
                                     results.get("rows", [{}])[0]]))
-    def is_paired(results: dict) -> bool:
-        return "p_value" in results.get("rows", [{}])[0]
-
     # the verdicts' significance, right after them
     sections += [paired_table(results) for _, results in loaded if is_paired(results)]
     for path, results in loaded:

@@ -189,6 +189,7 @@ class LossAware(Selector):
         reexpansion_seconds = time.perf_counter() - start - statistics_seconds - probing_seconds
         self._validation_seconds = 0.0
         checks: list[dict[str, Any]] = []
+        verifying = time.perf_counter()
         chosen, source = self._verify(by_name, curves, policy, chosen, source, checks, probe)
         verified = time.perf_counter()
         self._measure([(curves[name], option.note) for name, option in chosen.items()
@@ -198,7 +199,6 @@ class LossAware(Selector):
         if disk is not None:  # every process: with a cache folder per node, each node keeps its own entry
             memo.save(disk, key, stats, {name: curve.probes for name, curve in curves.items()}, probe.baseline)
         done = time.perf_counter()
-        verify_seconds = verified - start - statistics_seconds - probing_seconds - reexpansion_seconds
         self.summary = {
             "mode": self.mode, "criterion": self.criterion, "order": self.order, "plan_source": source,
             "batch_norm_recalibration": self._recalibration is not None,
@@ -215,7 +215,7 @@ class LossAware(Selector):
             "seconds": {"statistics": round(statistics_seconds, 2), "probes_and_allocation": round(probing_seconds, 2),
                         "reexpansion": round(reexpansion_seconds, 2),
                         "validation": round(self._validation_seconds, 2),
-                        "search_on_probe_batches": round(verify_seconds - self._validation_seconds, 2),
+                        "search_on_probe_batches": round(verified - verifying - self._validation_seconds, 2),
                         "measuring_the_plan": round(done - verified, 2), "total": round(done - start, 2)},
         }
         choices = {name: self._choice(curves[name], chosen[name], tolerance, source, policy) for name in by_name}

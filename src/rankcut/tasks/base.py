@@ -52,6 +52,7 @@ def run_example(model: nn.Module, inputs: ModelInputs) -> Any:
                          "(--task / task=) or example inputs of its shape (--input-shape / example_inputs=)"
                          ) from error
 
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (the CPU for a model without parameters)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
