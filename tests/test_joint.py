@@ -418,6 +418,51 @@ def test_compact_stops_when_the_paths_first_step_fails_validation(monkeypatch):
     assert all(layer.rank is None for layer in plan.layers)
 
 
+
+class TailTask(PlantedTask):
+    """PlantedTask with a middle layer of exact rank 6 (a projection whose other 18 components are float
+    rounding, as in a model trained to be compressible): cutting them changes nothing."""
+
+    tail_rank = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        U = torch.linalg.qr(self.teacher_first)[0][:, :self.signal_rank]  # the first layer's signal directions
+        basis = torch.linalg.qr(torch.cat([U, torch.randn(24, self.tail_rank - self.signal_rank, generator=g)], 1))[0]
+        self.middle = basis @ basis.T
+
+    def build_model(self) -> nn.Module:
+        first, second = super().build_model()
+        middle = nn.Linear(24, 24, bias=False)
+        with torch.no_grad():
+            middle.weight.copy_(self.middle)
+        return nn.Sequential(first, middle, second).eval()
+
+
+def test_compact_takes_the_cuts_that_change_nothing_before_any_gain(monkeypatch):
+    """Cutting the first layer's harmful perturbation is a gain on calibration, the first step of the greedy
+    path, and here validation refuses it (as it refuses gains that were calibration noise). compact still
+    removes the middle layer's rounding-level components: they go first, and change the loss by nothing."""
+    validate = LossAware._validate
+
+    def refuse_the_first_layer(self, candidates, plan, label, checks):
+        metrics = validate(self, candidates, plan, label, checks)
+        truncated = any(option.rank is not None for name, option in plan.items() if name == "0")
+        return {**metrics, "loss": metrics["loss"] + 1.0} if truncated else metrics
+
+    monkeypatch.setattr(LossAware, "_validate", refuse_the_first_layer)
+    task = TailTask()
+    model = task.build_model()
+    compressed, report = rankcut.compress(model, LossAware("compact", calibration_samples=256, batch_size=64,
+                                                           progress=False), task=task, progress=False)
+    assert report.plan["1"].rank == TailTask.tail_rank
+    assert report.plan["0"].rank is None and report.plan["2"].rank is None
+    before, after = (task.evaluate(m, "test")["loss"] for m in (model, compressed))
+    assert after == pytest.approx(before, rel=1e-5)
+    with pytest.raises(ValueError, match="tolerance"):
+        LossAware("compact", tolerance=-1e-5)
+
 @pytest.mark.parametrize("fraction", [0.6, 0.35])
 def test_lossless_respects_its_budget(fraction):
     task = ToyTask()

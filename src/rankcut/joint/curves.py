@@ -151,6 +151,11 @@ class LayerCurve:
         """
         return self.estimate(removed) + confidence * float(self.standard_error[removed])
 
+    def negligible(self, removed: int, confidence: float, threshold: float) -> bool:
+        """True when the cut changes the loss by at most ``threshold`` either way, ``confidence`` standard errors
+        included: a cut of components that carry nothing, not a gain."""
+        return abs(self.estimate(removed)) + confidence * float(self.standard_error[removed]) <= threshold
+
     def trusted(self, tolerance: float) -> tuple[int, int]:
         """The removal counts around the origin, (fewest, most), up to which every probe agreed with the prediction."""
         bounds = []

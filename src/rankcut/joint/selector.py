@@ -15,8 +15,9 @@ Steps, all without fine-tuning and without touching the test split:
    allocated again; kept while the whole plan's measured loss falls. Layers interact: cuts that are cheap
    one at a time can be dear together (MiniLM at 30% kept: 0.07 summed alone, 0.48 together);
 5. the result is checked with the task's real evaluation on the validation split: ``compact`` searches the
-   path, first on the probe batches' loss, then on validation, for the longest prefix whose loss and metric
-   are no worse than the original's; ``lossless`` keeps the better of its plan and the energy-based budget
+   path (first the cuts predicted to change nothing, then the greedy path), first on the probe batches' loss,
+   then on validation, for the longest prefix whose loss (within a 1e-5 tolerance) and metric are no worse
+   than the original's; ``lossless`` keeps the better of its plan and the energy-based budget
    plan at the same size;
 6. with ``recalibrate``, whole plans are measured, and the model is built, with batch-norm statistics
    corrected on the calibration samples (``rankcut.recalibration``).
@@ -58,6 +59,7 @@ from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES
 MODES = ("lossless", "compact")
 LOSS_AWARE, ENERGY, REEXPANDED = "loss-aware", "energy budget", "re-expanded"  # where a plan came from
 CRITERIA = ("loss", "metric")
+NO_CHANGE = 1e-5  # compact: a loss change within this fraction of the loss counts as none (its default tolerance)
 
 
 class LossAware(Selector):
@@ -65,7 +67,8 @@ class LossAware(Selector):
 
     ``mode="lossless"`` needs ``fraction``: the share of the factorizable ``metric`` (params or MACs) kept.
     ``mode="compact"`` finds the smallest model whose validation loss and metric are no worse than the
-    original's (``tolerance`` loosens the loss check, as a fraction of the original loss);
+    original's, where a change within ``tolerance`` of the original value (default 1e-5, far below what any
+    metric moves by) counts as none, so that a change decided by the last float digits cannot stop it;
     ``criterion="metric"`` asks only that the validation metric be no worse (e.g. accuracy not below).
     ``order="taylor"`` lets a layer drop any component, not only the smallest ones; ``"spectrum"`` truncates
     (svd layers; a tucker2 layer always follows its path of rank pairs, leading components kept).
@@ -87,7 +90,7 @@ class LossAware(Selector):
     def __init__(self, mode: str = "compact", fraction: float | None = None, metric: str = "params", *,
                  calibration_samples: int = CALIBRATION_SAMPLES, batch_size: int = BATCH_SIZE,
                  probe_samples: int | None = None, confidence: float = 2.0,
-                 order: str = "spectrum", tolerance: float = 0.0, max_rounds: int = 3, max_evaluations: int = 10,
+                 order: str = "spectrum", tolerance: float = NO_CHANGE, max_rounds: int = 3, max_evaluations: int = 10,
                  criterion: str = "loss", recalibrate: bool = True, reexpansions: int = 2,
                  progress: bool = True) -> None:
         if mode not in MODES:
@@ -106,6 +109,9 @@ class LossAware(Selector):
             raise ValueError("calibration_samples, batch_size and probe_samples must be positive")
         if reexpansions < 0:
             raise ValueError(f"reexpansions must be >= 0, got {reexpansions}")
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance (loss rise compact counts as none, a fraction of the loss) must be >= 0, "
+                             f"got {tolerance}")
         if not confidence >= 0:
             raise ValueError(f"confidence (standard errors added to each estimate) must be >= 0, got {confidence}")
         self.mode, self.fraction, self.metric, self.order = mode, fraction, metric, order
@@ -316,7 +322,8 @@ class LossAware(Selector):
     def _cost(self, candidate: Candidate, rank: int | None) -> int:
         return layer_cost(candidate, rank, self.metric)
 
-    def _select(self, options: Mapping[str, list[Option]]) -> dict[str, Option]:
+    def _select(self, options: Mapping[str, list[Option]], curves: Mapping[str, LayerCurve],
+                probe: LossProbe) -> dict[str, Option]:
         """The plan the estimates favour: within the budget (lossless) or at no predicted loss (compact)."""
         if self.mode == "lossless":
             total = sum(opts[0].cost for opts in options.values())
@@ -325,8 +332,28 @@ class LossAware(Selector):
                 raise ValueError(f"{self.spec} cannot be met: even the smallest ranks that pay off keep "
                                  f"{cheapest / total:.1%} of the factorizable {self.metric} the loss depends on")
             return walk_to_budget(options, self._target)
-        start, steps = greedy_path(options)
-        return plan_after(start, steps, feasible_position(start, steps))
+        start, steps, guess = self._compact_path(options, curves, probe)
+        return plan_after(start, steps, guess)
+
+    def _compact_path(self, options: Mapping[str, list[Option]], curves: Mapping[str, LayerCurve],
+                      probe: LossProbe) -> tuple[dict[str, Option], list[tuple[str, Option]], int]:
+        """compact's path, and where its summed estimates turn positive (the search's first guess).
+
+        First the cuts predicted to change nothing: |estimate| plus ``confidence`` standard errors within the
+        tolerance (a compressible model's spectrum tails, components at float rounding level). Then, from there,
+        the greedy path by least loss added per unit saved, where cuts with a significant predicted gain go
+        first. Those gains are real changes that validation may refuse, and a path that began with them would
+        end at its first step without ever taking the cuts that change nothing.
+        """
+        threshold = self.tolerance * abs(probe.baseline)
+        negligible = {name: [option for option in opts if option.rank is None or curves[name].negligible(
+                          option.note, self.confidence, threshold)] for name, opts in options.items()}
+        start, free = greedy_path(negligible)
+        reached = plan_after(start, free, len(free))
+        rest = {name: [option for option in opts if option.cost <= reached[name].cost]
+                for name, opts in options.items()}
+        middle, steps = greedy_path(rest)  # every layer's dearest option is where the free cuts left it
+        return start, free + steps, len(free) + feasible_position(middle, steps)
 
     def _allocate(self, curves: Mapping[str, LayerCurve], policy: RankPolicy, probe: LossProbe,
                   tolerance: float) -> dict[str, Option]:
@@ -337,14 +364,15 @@ class LossAware(Selector):
         """
         for _ in range(self.max_rounds):
             options = {name: self._options(curve, policy) for name, curve in curves.items()}
-            chosen = self._select(options)
+            chosen = self._select(options, curves, probe)
             unknown = [(curves[name], option.note) for name, option in chosen.items()
                        if not curves[name].known(option.note, tolerance)]
             if not unknown:
                 return chosen
             self._measure(unknown, probe, "measuring chosen ranks")
         return self._select({name: [option for option in self._options(curve, policy)
-                                    if curve.known(option.note, tolerance)] for name, curve in curves.items()})
+                                    if curve.known(option.note, tolerance)] for name, curve in curves.items()},
+                            curves, probe)
 
     def _reexpand(self, candidates: Mapping[str, Candidate], curves: Mapping[str, LayerCurve], policy: RankPolicy,
                   chosen: dict[str, Option], probe: LossProbe, tolerance: float, batches: Sequence[Any],
@@ -405,11 +433,11 @@ class LossAware(Selector):
         """Check plans with the task's real evaluation on the validation split; return the kept one and its source.
 
         lossless: the better (metric, then loss) of this plan and the energy-based budget plan of the same size.
-        compact: a search along the greedy path. Its first step is checked first, on the probe batches then on
-        validation; a model that fails it keeps everything. Otherwise the probe batches' loss (forward passes
-        on the calibration samples) finds the longest prefix that does not raise it, then validation, from
-        there, the longest prefix that passes ``_passes`` (never longer than the calibration bracket, unless
-        ``criterion="metric"``). No position is measured twice.
+        compact: a search along its path (``_compact_path``). Its first step is checked first, on the probe
+        batches then on validation; a model that fails it keeps everything. Otherwise the probe batches' loss
+        (forward passes on the calibration samples) finds the longest prefix that does not raise it, then
+        validation, from there, the longest prefix that passes ``_passes`` (never longer than the calibration
+        bracket, unless ``criterion="metric"``). No position is measured twice.
         """
         baseline = self._validate(candidates, {}, "original", checks)
         if self.mode == "lossless":
@@ -418,7 +446,7 @@ class LossAware(Selector):
             theirs = self._validate(candidates, alternative, ENERGY, checks)
             return (chosen, source) if self._score(ours) >= self._score(theirs) else (alternative, ENERGY)
         options = {name: self._options(curve, policy) for name, curve in curves.items()}
-        start, steps = greedy_path(options)
+        start, steps, guess = self._compact_path(options, curves, probe)
 
         @functools.cache
         def calibration_passes(position: int) -> bool:
@@ -437,7 +465,7 @@ class LossAware(Selector):
         if not steps or not calibration_passes(1) or not validation_passes(1):
             return plan_after(start, steps, 0), LOSS_AWARE
         # cheap forward passes on the probe batches bracket the search; validation confirms (and corrects)
-        first = max(1, feasible_position(start, steps))
+        first = max(1, guess)
         found, refused = last_passing(calibration_passes, first, 0, len(steps) + 1, len(steps) + 1)
         if self.criterion == "loss":  # validation confirms the calibration bracket, or searches below it
             low, _ = last_passing(validation_passes, found, 0, refused, self.max_evaluations)
@@ -477,11 +505,13 @@ class LossAware(Selector):
 
     def _passes(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> bool:
         """No loss: the validation metric not below the original's and, unless ``criterion="metric"``, the
-        validation loss not above it (plus tolerance)."""
+        validation loss not above it; a change within ``tolerance`` of the original value counts as none (on
+        accuracy over fewer than 100,000 examples that is less than one example: the check stays exact)."""
+        slack = {key: self.tolerance * abs(value) for key, value in baseline.items()}
         loss_ok = ("loss" not in baseline or self.criterion == "metric"
-                   or metrics["loss"] <= baseline["loss"] + self.tolerance * abs(baseline["loss"]))
+                   or metrics["loss"] <= baseline["loss"] + slack["loss"])
         name = self.task.metric_name
-        return loss_ok and (name == "loss" or metrics[name] >= baseline[name])
+        return loss_ok and (name == "loss" or metrics[name] >= baseline[name] - slack[name])
 
     def _choice(self, curve: LayerCurve, option: Option, tolerance: float, source: str,
                 policy: RankPolicy) -> Choice:
