@@ -181,6 +181,8 @@ def test_compact_with_tucker2_and_loss_aware_options_from_the_shell(tmp_path):
     (["--select", "budget:params=0.5", "--calibration-samples", "64"], "--calibration-samples: only"),
     (["--select", "budget:params=0.5", "--reexpansions", "1"], "--reexpansions: only"),
     (["--select", "compact", "--reexpansions", "1"], "--reexpansions goes with --select lossless"),
+    (["--select", "lossless:params=0.5", "--tolerance", "0"], "--tolerance goes with --select compact"),
+    (["--select", "compact", "--tolerance", "-1"], "must be >= 0, got -1.0"),
 ])
 def test_loss_aware_option_errors(args, message):
     result = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", *args)

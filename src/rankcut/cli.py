@@ -18,6 +18,7 @@ from rankcut.counting import count_macs, count_params
 from rankcut.distributed import Group, init_from_environment
 from rankcut.inventory import scan
 from rankcut.joint import LossAware
+from rankcut.joint.selector import NO_CHANGE
 from rankcut.latency import compare_latency
 from rankcut.plan import format_table
 from rankcut.report import describe_other_modules
@@ -142,6 +143,9 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--reexpansions", default=2, show_default=True, type=int,
               help="lossless: times the loss may be re-expanded around its best plan and the budget allocated "
                    "again (0: allocate once, from the original model).")
+@click.option("--tolerance", default=NO_CHANGE, show_default=True, type=float,
+              help="compact: a validation loss or metric change within this fraction of the original's counts as "
+                   "none.")
 @click.option("--recalibrate/--no-recalibrate", default=None,
               help="Correct batch-norm statistics on the task's calibration samples (no training). Default: on for "
                    "lossless/compact, off for the other selectors (--recalibrate turns it on; needs --task).")
@@ -163,7 +167,7 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, select: str,
              target: str | None, calibration_samples: int, batch_size: int, probe_samples: int | None,
-             confidence: float, reexpansions: int, recalibrate: bool | None, decomposition: str,
+             confidence: float, reexpansions: int, tolerance: float, recalibrate: bool | None, decomposition: str,
              ignore: tuple[str, ...], round_to: int, latency_guard: bool, split: str, cache_dir: str | None,
              low_memory: bool, randomized_above: int | None, out: str | None, report_path: str | None, force: bool,
              progress: bool) -> None:
@@ -172,7 +176,7 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
     source, task_obj = _load(model, weights, task)
     try:
         selector = _selector(select, target, calibration_samples, batch_size, probe_samples, confidence,
-                             reexpansions, recalibrate, progress)
+                             reexpansions, tolerance, recalibrate, progress)
     except ValueError as error:
         _fail(str(error))
     protected = tuple(p for p in (source.checkpoint, weights, source.files_dir) if p)
@@ -209,14 +213,15 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
 
 
 def _selector(select: str, target: str | None, calibration_samples: int, batch_size: int,
-              probe_samples: int | None, confidence: float, reexpansions: int, recalibrate: bool | None,
-              progress: bool) -> Selector:
+              probe_samples: int | None, confidence: float, reexpansions: int, tolerance: float,
+              recalibrate: bool | None, progress: bool) -> Selector:
     """The selector for ``--select`` (with ``--target`` for lossless), or a clear error."""
     kind = select.partition(":")[0].strip().lower()
     if kind not in ("lossless", "compact"):
         if target:
             raise ValueError("--target goes with --select lossless (e.g. --select lossless --target params=0.3)")
-        unused = [name for name in ("probe_samples", "confidence", "reexpansions", "batch_size") if _given(name)]
+        unused = [name for name in ("probe_samples", "confidence", "reexpansions", "tolerance", "batch_size")
+                  if _given(name)]
         if _given("calibration_samples") and not recalibrate:
             unused.append("calibration_samples")
         if unused:
@@ -232,12 +237,14 @@ def _selector(select: str, target: str | None, calibration_samples: int, batch_s
         raise ValueError("compact finds its own size (the smallest with no loss); drop --target or use lossless")
     if kind == "compact" and _given("reexpansions"):
         raise ValueError("--reexpansions goes with --select lossless: compact walks one path from the original model")
+    if kind == "lossless" and _given("tolerance"):
+        raise ValueError("--tolerance goes with --select compact: lossless keeps a size and seeks the lowest loss")
     selector = parse_selector(select)
     metric = selector.metric
     return LossAware(selector.mode, selector.fraction, metric, calibration_samples=calibration_samples,
                      batch_size=batch_size, probe_samples=probe_samples, confidence=confidence,
                      criterion=selector.criterion, recalibrate=recalibrate is not False, reexpansions=reexpansions,
-                     progress=progress)
+                     tolerance=tolerance, progress=progress)
 
 
 def _given(option: str) -> bool:

@@ -110,8 +110,8 @@ class LossAware(Selector):
         if reexpansions < 0:
             raise ValueError(f"reexpansions must be >= 0, got {reexpansions}")
         if not tolerance >= 0:
-            raise ValueError(f"tolerance (loss rise compact counts as none, a fraction of the loss) must be >= 0, "
-                             f"got {tolerance}")
+            raise ValueError(f"tolerance (the change of the validation loss or metric that compact counts as none, "
+                             f"a fraction of the original's) must be >= 0, got {tolerance}")
         if not confidence >= 0:
             raise ValueError(f"confidence (standard errors added to each estimate) must be >= 0, got {confidence}")
         self.mode, self.fraction, self.metric, self.order = mode, fraction, metric, order
