@@ -360,6 +360,19 @@ def test_a_re_expanded_curve_interpolates_probes_on_each_side_of_its_origin():
     assert curve.known(1, 1e-9) and curve.known(3, 1e-9) and not curve.known(2, 1e-9)
 
 
+
+def test_a_probe_of_rounding_level_components_is_not_extrapolated():
+    """A probe that cut only a layer's rounding-level tail measured rounding: scaling its residual by the energy
+    of a real cut (1e14 times larger here) would price that cut absurdly."""
+    task = TailTask()
+    model = task.build_model()
+    candidate = scan(model).factorizable()[1]  # the rank-6 projection: 18 components at rounding level
+    stats = gather_statistics(model, [candidate], list(task.calibration_batches(64, 32)), task.loss)[candidate.name]
+    curve = LayerCurve.of(candidate, stats, "spectrum")
+    assert float(curve.dropped_energy[12]) < 1e-10 < float(curve.dropped_energy[20])
+    curve.probes[12] = float(curve.predicted[12]) + 1e-9
+    assert curve.residual(20) == pytest.approx(1e-9)
+
 def test_upper_bound_adds_the_sampling_error_of_the_prediction():
     model, batches, loss = _mixed_setup()
     candidate = scan(model).factorizable()[0]

@@ -23,6 +23,11 @@ from rankcut.joint.statistics import ComponentStats
 from rankcut.layers import Components, Rank
 
 ORDERS = ("taylor", "spectrum")
+# A probe that dropped less than this share of its layer's energy (components below 1e-5 of its norm, as in the
+# spectrum tail of a model trained to be compressible) measured rounding: its residual is not extrapolated in
+# proportion to the dropped energy, which would multiply that rounding by 1e10 and more. The ranks that pay off
+# on the reference models drop far more than this.
+ROUNDING_ENERGY = 1e-10
 
 
 def removal_order(stats: ComponentStats, sigma_squared: torch.Tensor, order: str, window: int = 4) -> list[int]:
@@ -120,7 +125,8 @@ class LayerCurve:
 
     def residual(self, removed: int) -> float:
         """Measured minus predicted change, interpolated in dropped energy between the probes on ``removed``'s side
-        of the origin (extrapolated in proportion to it beyond the farthest one, when the prediction was low)."""
+        of the origin (extrapolated in proportion to it beyond the farthest one, when the prediction was low and
+        that probe dropped more than rounding, ``ROUNDING_ENERGY``)."""
         if removed in self.probes:
             return self.probes[removed] - float(self.predicted[removed])
         away = 1 if removed > self.origin else -1
@@ -134,9 +140,9 @@ class LayerCurve:
             span = float(energy[outer[0]] - energy[inner])
             weight = float(energy[removed] - energy[inner]) / span if span > 0 else 1.0
             return r_inner + weight * (r_outer - r_inner)
-        if r_inner <= 0 or inner == self.origin:
+        if r_inner <= 0 or inner == self.origin or energy[inner] < ROUNDING_ENERGY:
             return r_inner
-        return r_inner * max(1.0, float(energy[removed] / energy[inner].clamp(min=1e-300)))
+        return r_inner * max(1.0, float(energy[removed] / energy[inner]))
 
     def estimate(self, removed: int) -> float:
         """Best estimate of the loss change with ``removed`` components dropped: prediction plus residual."""
