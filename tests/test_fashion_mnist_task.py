@@ -12,6 +12,7 @@ import torch
 from rankcut.models import CNN_MODELS
 from rankcut.tasks.base import Task
 from rankcut.tasks.fashion_mnist import (
+    REFERENCE_MODELS,
     WEIGHTS_DIR,
     FashionMNISTTask,
     load_fashion_mnist,
@@ -131,10 +132,12 @@ def test_unknown_model_and_missing_weights_are_clear(tmp_path: Path) -> None:
         FashionMNISTTask("resnet18")
     with pytest.raises(RuntimeError, match=r"scripts/train_cnn\.py --model vgg"):
         FashionMNISTTask("vgg", weights_dir=tmp_path).build_model()
+    with pytest.raises(RuntimeError, match=r"reference_from_run\.py RUN resnet20-compressible"):
+        FashionMNISTTask("resnet20-compressible", weights_dir=tmp_path).build_model()
 
 
 @needs_data
-@pytest.mark.parametrize("name", sorted(CNN_MODELS))
+@pytest.mark.parametrize("name", sorted(REFERENCE_MODELS))
 def test_committed_weights_classify_validation_images(name: str) -> None:
     task = FashionMNISTTask(name, calibration_size=100, validation_size=500)
     if not task.weights_path.is_file():

