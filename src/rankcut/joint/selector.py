@@ -59,7 +59,7 @@ from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES
 MODES = ("lossless", "compact")
 LOSS_AWARE, ENERGY, REEXPANDED = "loss-aware", "energy budget", "re-expanded"  # where a plan came from
 CRITERIA = ("loss", "metric")
-NO_CHANGE = 1e-5  # compact: a loss change within this fraction of the loss counts as none (its default tolerance)
+NO_CHANGE = 1e-5  # compact: a loss or metric change within this share of the original counts as none (tolerance)
 
 
 class LossAware(Selector):
