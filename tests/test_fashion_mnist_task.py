@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import rankcut
+from rankcut.joint import LossAware
 from rankcut.models import CNN_MODELS
 from rankcut.tasks.base import Task
 from rankcut.tasks.fashion_mnist import (
@@ -152,3 +154,20 @@ def test_committed_weights_classify_validation_images(name: str) -> None:
     assert sum(len(labels) for _, labels in batches) == 500
     correct = torch.cat([logits.argmax(1) == labels for logits, labels in batches])
     assert int(correct.sum()) / len(correct) == metrics["accuracy"]
+
+
+@needs_data
+def test_compact_cuts_the_compressible_resnet20_by_half_with_no_validation_loss() -> None:
+    """Past about half of its params its spectra hold only rounding-level components: compact's path takes
+    those cuts first, and they change nothing, whatever the loss-aware rest of the path adds."""
+    task = FashionMNISTTask("resnet20-compressible", calibration_size=256, validation_size=1000)
+    if not task.weights_path.is_file():
+        pytest.skip(f"no committed weights for resnet20-compressible in {WEIGHTS_DIR}")
+    model = task.build_model()
+    compressed, report = rankcut.compress(model, LossAware("compact", calibration_samples=256, progress=False),
+                                          task=task, progress=False)
+    before, after = report.factorizable_params
+    assert after / before < 0.55
+    original, kept = (task.evaluate(m, "validation") for m in (model, compressed))
+    assert kept["accuracy"] >= original["accuracy"]
+    assert kept["loss"] <= original["loss"] * (1 + 1e-5)
