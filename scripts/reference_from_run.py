@@ -4,9 +4,11 @@ Copies the run's trained (collapsed) weights to ``{name}-fashion-mnist.safetenso
 record beside them: the commands that made them, the training settings, per-epoch history and the trained
 model's validation and test metrics. ``name`` must be one of ``REFERENCE_MODELS``. Example::
 
-    rankcut train fashion-mnist --model resnet20 --epochs 10 --overparam 2 --orth 0.1 --sparsity 1 \\
-        --out runs/resnet20-compressible
-    python scripts/reference_from_run.py runs/resnet20-compressible resnet20-compressible
+    rankcut train fashion-mnist --model resnet20 --epochs 10 --overparam 2 --orth 0.01 --sparsity 0.1 \\
+        --select budget:params=0.5 --decomposition svd --out runs/r20c-mu0.1
+    python scripts/reference_from_run.py runs/r20c-mu0.1 resnet20-compressible
+
+(the command that made the committed ``resnet20-compressible``; its record holds it too).
 """
 
 from __future__ import annotations
