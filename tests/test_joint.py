@@ -3,6 +3,7 @@ measurement, a planted rank that compact must find, budgets lossless must respec
 
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 
 import pytest
@@ -422,7 +423,7 @@ def test_compact_stops_when_the_paths_first_step_fails_validation(monkeypatch):
     """Every plan passes the probe batches and fails validation: the first step's validation check ends the
     search, so nothing is truncated after two validation evaluations (the original's and the first step's)."""
     monkeypatch.setattr(LossAware, "_plan_change", lambda *args: -1.0)
-    monkeypatch.setattr(LossAware, "_passes", lambda self, metrics, baseline: False)
+    monkeypatch.setattr(LossAware, "_refusal", lambda self, metrics, baseline: "refused")
     task = ToyTask()
     plan = rankcut.make_plan(task.build_model(), LossAware("compact", calibration_samples=64, batch_size=16,
                                                            progress=False), task=task)
@@ -473,8 +474,28 @@ def test_compact_takes_the_cuts_that_change_nothing_before_any_gain(monkeypatch)
     assert report.plan["0"].rank is None and report.plan["2"].rank is None
     before, after = (task.evaluate(m, "test")["loss"] for m in (model, compressed))
     assert after == pytest.approx(before, rel=1e-5)
+    # the report says where the search ended and why, and each dense layer where its first cut lay on the path
+    search = report.plan.meta["selection"]["path_search"]
+    assert 1 <= search["free_steps"] <= search["accepted"] < search["refused"] <= search["steps"]
+    assert search["why"].startswith("validation loss") and "compact's path:" in report.summary()
+    for name in ("0", "2"):
+        assert re.search(rf"its first cut \(drop \d+ of \d+ components, ΔL estimated .+, charged .+\) is step \d+ "
+                         rf"of {search['steps']} on the path; the checks stopped at step {search['accepted']}",
+                         report.plan[name].reason)
     with pytest.raises(ValueError, match="tolerance"):
         LossAware("compact", tolerance=-1e-5)
+
+
+def test_lossless_says_what_a_dense_layers_best_cut_would_have_cost():
+    """The last layer's spectrum is all signal: lossless keeps it dense and names its cheapest cut and the params
+    that cut would have saved."""
+    task = TailTask()
+    plan = rankcut.make_plan(task.build_model(), LossAware("lossless", 0.5, calibration_samples=256, batch_size=64,
+                                                           progress=False), task=task)
+    assert plan["2"].rank is None
+    assert re.fullmatch(r"lossless:params=0\.5: kept dense \(the budget went to cuts that add less loss per parameter "
+                        r"saved; its best \(drop \d+ of 6 components, ΔL estimated \+[\d.]+ ± [\d.]+, charged "
+                        r"\+[\d.]+\) saves \d+ params\)", plan["2"].reason)
 
 @pytest.mark.parametrize("fraction", [0.6, 0.35])
 def test_lossless_respects_its_budget(fraction):
@@ -617,9 +638,10 @@ def test_compact_criterion_metric_ignores_a_higher_loss():
     for selector in (strict, by_metric):
         selector.task = SimpleNamespace(metric_name="accuracy")
     assert by_metric.spec == "compact:metric" and by_metric.criterion == "metric"
-    assert not strict._passes(worse_loss, baseline)
-    assert by_metric._passes(worse_loss, baseline)
-    assert not by_metric._passes({"loss": 0.5, "accuracy": 0.89}, baseline)
+    assert strict._refusal(worse_loss, baseline) == "validation loss 1.2 above the original's 1"
+    assert by_metric._refusal(worse_loss, baseline) is None
+    assert (by_metric._refusal({"loss": 0.5, "accuracy": 0.89}, baseline)
+            == "validation accuracy 0.89 below the original's 0.9")
     with pytest.raises(ValueError, match="compact:metric"):
         rankcut.parse_selector("compact:0.5")
 

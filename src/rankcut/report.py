@@ -100,6 +100,12 @@ def describe_selection(selection: dict) -> str:
     for check in selection["validation_checks"]:
         values = ", ".join(f"{k}={v:.4f}" for k, v in check["validation"].items())
         lines.append(f"  validation, {check['plan']}: {values}")
+    search = selection.get("path_search")
+    if search:
+        ended = ("the whole path passed" if search["refused"] is None
+                 else f"step {search['refused']} refused: {search['why']}")
+        lines.append(f"compact's path: {search['steps']} steps, the first {search['free_steps']} predicted to change "
+                     f"nothing; {search['accepted']} accepted, {ended}")
     return "\n".join(lines)
 
 

@@ -29,7 +29,8 @@ import functools
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ from rankcut.selectors.allocation import (
     feasible_position,
     greedy_path,
     last_passing,
+    lower_hull,
     plan_after,
     walk_to_budget,
 )
@@ -60,6 +62,34 @@ MODES = ("lossless", "compact")
 LOSS_AWARE, ENERGY, REEXPANDED = "loss-aware", "energy budget", "re-expanded"  # where a plan came from
 CRITERIA = ("loss", "metric")
 NO_CHANGE = 1e-5  # compact: a loss or metric change within this share of the original counts as none (tolerance)
+
+
+class CompactPath(NamedTuple):
+    """compact's path: every layer's starting option, the moves (the free cuts first), and the search's guess."""
+
+    start: dict[str, Option]
+    steps: list[tuple[str, Option]]
+    free: int  # the first ``free`` moves are the cuts predicted to change nothing
+    guess: int  # where the moves' summed estimates turn positive
+
+
+@dataclass(frozen=True)
+class PathSearch:
+    """Where compact's search along its path ended: the last position accepted and the first one refused, and why."""
+
+    path: CompactPath
+    accepted: int
+    refused: int | None  # None: the whole path passed
+    why: str  # the refusal, from the first check that refused that position
+
+    def first_step(self, name: str) -> int | None:
+        """The position (1-based) of the path's first move of layer ``name``, or None when it has none."""
+        return next((index + 1 for index, (layer, _) in enumerate(self.path.steps) if layer == name), None)
+
+    def summary(self) -> dict[str, Any]:
+        """For the plan's meta: the path's length, its free cuts, the guess, and where the search ended."""
+        return {"steps": len(self.path.steps), "free_steps": self.path.free, "guess": self.path.guess,
+                "accepted": self.accepted, "refused": self.refused, "why": self.why if self.refused else None}
 
 
 class LossAware(Selector):
@@ -132,6 +162,7 @@ class LossAware(Selector):
         self._energy: dict[str, Option] = {}
         self._validation_seconds = 0.0
         self._reexpansion: dict[str, Any] = {}
+        self._search: PathSearch | None = None  # compact: where its search along the path ended
         self._recalibration: BatchNormRecalibration | None = None
         self._search_recalibration: BatchNormRecalibration | None = None
 
@@ -218,6 +249,7 @@ class LossAware(Selector):
             "measured_loss_change": measured_change,
             "reexpansion": self._reexpansion,
             "validation_checks": checks,
+            "path_search": self._search.summary() if self._search is not None else None,
             "seconds": {"statistics": round(statistics_seconds, 2), "probes_and_allocation": round(probing_seconds, 2),
                         "reexpansion": round(reexpansion_seconds, 2),
                         "validation": round(self._validation_seconds, 2),
@@ -332,12 +364,13 @@ class LossAware(Selector):
                 raise ValueError(f"{self.spec} cannot be met: even the smallest ranks that pay off keep "
                                  f"{cheapest / total:.1%} of the factorizable {self.metric} the loss depends on")
             return walk_to_budget(options, self._target)
-        start, steps, guess = self._compact_path(options, curves, probe)
-        return plan_after(start, steps, guess)
+        path = self._compact_path(options, curves, probe)
+        return plan_after(path.start, path.steps, path.guess)
 
     def _compact_path(self, options: Mapping[str, list[Option]], curves: Mapping[str, LayerCurve],
-                      probe: LossProbe) -> tuple[dict[str, Option], list[tuple[str, Option]], int]:
-        """compact's path, and where its summed estimates turn positive (the search's first guess).
+                      probe: LossProbe) -> CompactPath:
+        """compact's path, how many of its steps are the free cuts, and where its summed estimates turn positive
+        (the search's first guess).
 
         First the cuts predicted to change nothing: |estimate| plus ``confidence`` standard errors within the
         tolerance (a compressible model's spectrum tails, components at float rounding level). Then, from there,
@@ -353,7 +386,7 @@ class LossAware(Selector):
         rest = {name: [option for option in opts if option.cost <= reached[name].cost]
                 for name, opts in options.items()}
         middle, steps = greedy_path(rest)  # every layer's dearest option is where the free cuts left it
-        return start, free + steps, len(free) + feasible_position(middle, steps)
+        return CompactPath(start, free + steps, len(free), len(free) + feasible_position(middle, steps))
 
     def _allocate(self, curves: Mapping[str, LayerCurve], policy: RankPolicy, probe: LossProbe,
                   tolerance: float) -> dict[str, Option]:
@@ -436,9 +469,10 @@ class LossAware(Selector):
         compact: a search along its path (``_compact_path``). Its first step is checked first, on the probe
         batches then on validation; a model that fails it keeps everything. Otherwise the probe batches' loss
         (forward passes on the calibration samples) finds the longest prefix that does not raise it, then
-        validation, from there, the longest prefix that passes ``_passes`` (never longer than the calibration
+        validation, from there, the longest prefix with no ``_refusal`` (never longer than the calibration
         bracket, unless ``criterion="metric"``). No position is measured twice.
         """
+        self._search = None
         baseline = self._validate(candidates, {}, "original", checks)
         if self.mode == "lossless":
             alternative = {name: self._energy[name] for name in candidates}  # the budget plan, these layers
@@ -446,32 +480,46 @@ class LossAware(Selector):
             theirs = self._validate(candidates, alternative, ENERGY, checks)
             return (chosen, source) if self._score(ours) >= self._score(theirs) else (alternative, ENERGY)
         options = {name: self._options(curve, policy) for name, curve in curves.items()}
-        start, steps, guess = self._compact_path(options, curves, probe)
+        path = self._compact_path(options, curves, probe)
+        start, steps = path.start, path.steps
+        refusals: dict[int, str] = {}  # position -> why the first check that refused it did
 
         @functools.cache
         def calibration_passes(position: int) -> bool:
             change = self._plan_change(candidates, plan_after(start, steps, position), probe,
                                        self._search_recalibration)
-            return change <= self.tolerance * abs(probe.baseline)  # False for nan and inf
+            allowed = self.tolerance * abs(probe.baseline)
+            passed = change <= allowed  # False for nan and inf
+            if not passed:
+                refusals.setdefault(position, f"the calibration samples' loss changed by {change:+.2g} (tolerance "
+                                              f"{allowed:.2g})")
+            return passed
 
         @functools.cache
         def validation_passes(position: int) -> bool:
             metrics = self._validate(candidates, plan_after(start, steps, position),
                                      f"path step {position}/{len(steps)}", checks)
-            return self._passes(metrics, baseline)
+            why = self._refusal(metrics, baseline)
+            if why is not None:
+                refusals.setdefault(position, why)
+            return why is None
+
+        def ended(accepted: int, refused: int) -> tuple[dict[str, Option], str]:
+            self._search = PathSearch(path, accepted, refused if refused <= len(steps) else None,
+                                      refusals.get(refused, "not checked: the validation checks ran out"))
+            return plan_after(start, steps, accepted), LOSS_AWARE
 
         # a model that cannot afford the path's first step, on calibration then on validation, has nothing to
         # give: no search (a longer step that passed after a failing first one would most likely pass on noise)
         if not steps or not calibration_passes(1) or not validation_passes(1):
-            return plan_after(start, steps, 0), LOSS_AWARE
+            return ended(0, 1)
         # cheap forward passes on the probe batches bracket the search; validation confirms (and corrects)
-        first = max(1, guess)
+        first = max(1, path.guess)
         found, refused = last_passing(calibration_passes, first, 0, len(steps) + 1, len(steps) + 1)
         if self.criterion == "loss":  # validation confirms the calibration bracket, or searches below it
-            low, _ = last_passing(validation_passes, found, 0, refused, self.max_evaluations)
-        else:  # a higher loss may still keep the metric: search the whole path, from the best guess
-            low, _ = last_passing(validation_passes, found or first, 0, len(steps) + 1, self.max_evaluations)
-        return plan_after(start, steps, low), LOSS_AWARE
+            return ended(*last_passing(validation_passes, found, 0, refused, self.max_evaluations))
+        # a higher loss may still keep the metric: search the whole path, from the best guess
+        return ended(*last_passing(validation_passes, found or first, 0, len(steps) + 1, self.max_evaluations))
 
     @staticmethod
     def _kept(plan: Mapping[str, Option]) -> dict[str, Any]:
@@ -503,42 +551,78 @@ class LossAware(Selector):
     def _score(self, metrics: Mapping[str, float]) -> tuple[float, float]:
         return metrics.get(self.task.metric_name, 0.0), -metrics.get("loss", 0.0)
 
-    def _passes(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> bool:
-        """No loss: the validation metric not below the original's and, unless ``criterion="metric"``, the
+    def _refusal(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> str | None:
+        """Why validation ``metrics`` are a loss (the first criterion missed), or None when they pass.
+
+        No loss: the validation metric not below the original's and, unless ``criterion="metric"``, the
         validation loss not above it; a change within ``tolerance`` of the original value counts as none (on
         accuracy over fewer than 100,000 examples that is less than one example: the check stays exact)."""
         slack = {key: self.tolerance * abs(value) for key, value in baseline.items()}
-        loss_ok = ("loss" not in baseline or self.criterion == "metric"
-                   or metrics["loss"] <= baseline["loss"] + slack["loss"])
+        if "loss" in baseline and self.criterion == "loss" and metrics["loss"] > baseline["loss"] + slack["loss"]:
+            return f"validation loss {metrics['loss']:.6g} above the original's {baseline['loss']:.6g}"
         name = self.task.metric_name
-        return loss_ok and (name == "loss" or metrics[name] >= baseline[name] - slack[name])
+        if name != "loss" and metrics[name] < baseline[name] - slack[name]:
+            return f"validation {name} {metrics[name]:.6g} below the original's {baseline[name]:.6g}"
+        return None
 
     def _choice(self, curve: LayerCurve, option: Option, tolerance: float, source: str,
                 policy: RankPolicy) -> Choice:
         if option.rank is None:
-            return Choice(None, f"{self.spec}: kept dense (no size of this layer paid for its loss change)"
+            return Choice(None, f"{self.spec}: kept dense ({self._why_dense(curve, source, policy)})"
                                 f"{policy.guard_note(curve.candidate)}")
         components = curve.candidate.decomposition.plan_components(option.rank, option.components)
         if source == ENERGY:  # the energy budget plan won the validation check
             return Choice(option.rank, f"{self.spec}: energy budget plan, better on validation; {option.note}",
                           components)
         removed = option.note
-        if isinstance(option.rank, int):
-            subset = "" if components is None else " (not only the smallest)"
-            what = f"drop {removed} of {curve.size} components{subset}"
-        else:
-            what = (f"keep {option.rank[0]}x{option.rank[1]} of {curve.ranks[0][0]}x{curve.ranks[0][1]} channel "
-                    "components (projection on the leading ones, no HOOI)")
-        measured = curve.probes.get(removed)
-        why = f"{self.spec}: {what}; "
+        why = f"{self.spec}: {self._cut(curve, option)}; "
         if source == REEXPANDED:
             record = self._reexpansion
             why += (f"allocated with the loss re-expanded around the {record['centre']} plan (whole plan on the probe "
                     f"batches: ΔL {record['probe_loss_change'][record['centre']]:+.4f} → "
                     f"{min(step['probe_loss_change'] for step in record['steps']):+.4f}); this layer alone: ")
-        why += (f"ΔL predicted {float(curve.predicted[removed]):+.4f} (Taylor), "
-                f"estimated {curve.estimate(removed):+.4f} ± {float(curve.standard_error[removed]):.4f}")
+        why += f"ΔL predicted {float(curve.predicted[removed]):+.4f} (Taylor), {self._estimated(curve, removed)}"
+        measured = curve.probes.get(removed)
         if measured is not None:
             why += f", measured {measured:+.4f} (layer alone)"
         why += f"; Taylor trusted up to {curve.trusted(tolerance)[1]} removed"
         return Choice(option.rank, why, components)
+
+    @staticmethod
+    def _cut(curve: LayerCurve, option: Option) -> str:
+        """What a layer's option keeps, in words: components dropped (svd) or channel ranks kept (tucker2)."""
+        if isinstance(option.rank, int):
+            components = curve.candidate.decomposition.plan_components(option.rank, option.components)
+            subset = "" if components is None else " (not only the smallest)"
+            return f"drop {option.note} of {curve.size} components{subset}"
+        return (f"keep {option.rank[0]}x{option.rank[1]} of {curve.ranks[0][0]}x{curve.ranks[0][1]} channel "
+                "components (projection on the leading ones, no HOOI)")
+
+    @staticmethod
+    def _estimated(curve: LayerCurve, removed: int) -> str:
+        return f"estimated {curve.estimate(removed):+.4f} ± {float(curve.standard_error[removed]):.4f}"
+
+    def _charged(self, curve: LayerCurve, option: Option) -> str:
+        """A cut, its loss change and what it is charged when layers compete (``confidence`` errors above)."""
+        return (f"{self._cut(curve, option)}, ΔL {self._estimated(curve, option.note)}, charged "
+                f"{option.error:+.4f}")
+
+    def _why_dense(self, curve: LayerCurve, source: str, policy: RankPolicy) -> str:
+        """Why a layer was kept dense: no rank pays off, or where its first cut stood against the others'."""
+        if source == ENERGY:
+            return "so does the energy budget plan, better on validation"
+        options = self._options(curve, policy)
+        if len(options) == 1:
+            return "no rank of this layer pays off"
+        if self.mode == "compact":  # where the layer's first cut lies on the path, and where the checks stopped
+            position = self._search.first_step(curve.candidate.name) if self._search is not None else None
+            if position is None:
+                return "none of its cuts is on the path"
+            _, cut = self._search.path.steps[position - 1]
+            return (f"its first cut ({self._charged(curve, cut)}) is step {position} of "
+                    f"{len(self._search.path.steps)} on the path; the checks stopped at step {self._search.accepted}")
+        best = lower_hull(options)[1]  # the cut with the least loss added per unit saved
+        origin = " on the original model" if source == REEXPANDED else ""
+        unit, units = ("parameter", "params") if self.metric == "params" else ("MAC", "MACs")
+        return (f"the budget went to cuts that add less loss per {unit} saved; its best ({self._charged(curve, best)}"
+                f"{origin}) saves {options[0].cost - best.cost:,} {units}")
