@@ -78,7 +78,7 @@ class _PerSampleRows:
 
     def end_batch(self) -> None:
         if self._current is not None:
-            self.chunks.append(self._current)
+            self.chunks.append(self._current.cpu())  # the curves and the allocation work on the CPU
             self._current = None
 
     def result(self) -> ComponentStats | None:
@@ -177,7 +177,7 @@ class _TuckerProjector(_PerSampleRows):
         total = prefix[:, -1, -1:]
         removed = total - prefix[:, self.path_out, self.path_in]  # (B, n): ⟨g, K − K_path[k]⟩
         steps = torch.diff(torch.cat([removed, total], 1), dim=1)  # step k: path[k] → path[k+1] (then to 0)
-        self.add(steps.flip(1).cpu())
+        self.add(steps.flip(1))
 
 
 def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches: Iterable[Any], loss: LossFn,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankcut.tasks.base import SPLITS
+from rankcut.tasks.base import SPLITS, model_device
 
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 TEMPERATURE = 0.05
@@ -92,7 +92,10 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 def encode(model: nn.Module, inputs: Encoded) -> torch.Tensor:
-    """Sentence embeddings of one tokenized batch, keeping the graph (for ``loss``)."""
+    """Sentence embeddings of one tokenized batch, keeping the graph (for ``loss``); the batch goes to the
+    device of the model's parameters, as the Fashion-MNIST task's do."""
+    device = model_device(model)
+    inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
     output = model(**inputs)
     if isinstance(output, torch.Tensor):
         hidden = output
@@ -234,7 +237,7 @@ class WordNetGlossTask:
         """InfoNCE of glosses against their batch's lemmas (in-batch negatives, temperature 0.05)."""
         gloss_inputs, lemma_inputs = batch
         logits = encode(model, gloss_inputs) @ encode(model, lemma_inputs).T / TEMPERATURE
-        return F.cross_entropy(logits, torch.arange(logits.shape[0]))
+        return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
 
     def _data(self, split: str) -> _SplitData:
         if split not in SPLITS:
@@ -273,4 +276,4 @@ class WordNetGlossTask:
         logits = (
             self._embed_batches(model, data.gloss_batches) @ self._embed_batches(model, data.lemma_batches).T
         ) / TEMPERATURE
-        return logits, data.targets
+        return logits, data.targets.to(logits.device)
