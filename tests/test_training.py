@@ -185,7 +185,9 @@ def test_pipeline_runs_every_step_and_resumes_to_the_same_weights(tmp_path) -> N
 
     with pytest.raises(Interrupted):
         _run(tmp_path, "cut", log=stop_after_first_epoch).run()
-    assert json.loads((tmp_path / "cut" / "state.json").read_text())["epochs_done"] == 1
+    state = json.loads((tmp_path / "cut" / "state.json").read_text())
+    assert state["epochs_done"] == 1
+    assert state["history"][0]["threads"] == torch.get_num_threads() and state["history"][0]["device"] == "cpu"
     messages = []
     resumed = _run(tmp_path, "cut", log=messages.append).run()
     assert any(m.startswith("resuming after epoch 1") for m in messages)

@@ -174,7 +174,8 @@ class TrainingRun:
                 with torch.no_grad():
                     stats.update({k: float(v) for k, v in regularizer.terms().items()})
             self.state["history"].append({"epoch": epoch, **stats, "validation": validation,
-                                          "seconds": round(time.perf_counter() - epoch_start, 1)})
+                                          "seconds": round(time.perf_counter() - epoch_start, 1),
+                                          "threads": torch.get_num_threads(), "device": str(self.device)})
             self._checkpoint(model, optimizer, generator)
             self.state["epochs_done"] = epoch
             self._save_state()
