@@ -274,6 +274,19 @@ def test_prediction_matches_measurement_for_small_perturbations(decomposition):
         assert predicted == pytest.approx(measured, rel=0.2, abs=1e-6), candidate.name
 
 
+def test_a_probe_measures_each_truncation_once_unless_a_context_changes_it():
+    """The same kept components on the same batches are one measurement; with ``within`` (e.g. batch-norm
+    recalibration) the probe cannot know what the context does, and measures again."""
+    model, batches, loss = _mixed_setup()
+    candidate = scan(model).factorizable()[2]
+    kept = {candidate.name: tuple(range(candidate.basis().max_rank - 1))}
+    probe = LossProbe(model, batches, loss)
+    first = probe.change({candidate.name: candidate}, kept)
+    assert probe.change({candidate.name: candidate}, dict(kept)) == first and probe.measurements == 2
+    assert probe.change({candidate.name: candidate}, kept, within=nullcontext()) == first
+    assert probe.measurements == 3 and first != 0.0
+
+
 def test_a_curve_re_expanded_at_the_original_model_is_the_curve():
     model, batches, loss = _mixed_setup()
     candidate = scan(model).factorizable()[2]

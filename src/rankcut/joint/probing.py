@@ -7,6 +7,7 @@ projection on the kept channel components for tucker2) computes exactly what its
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -57,6 +58,13 @@ def spread_batches(batches: Sequence[Any], samples: int, batch_size: int) -> lis
     return [batches[int((index + 0.5) * len(batches) / count)] for index in range(count)]
 
 
+def truncation_key(kept: Mapping[str, Components | Fit]) -> tuple[Any, ...] | None:
+    """A hashable name for a truncation (which components each layer keeps), or None when a layer is a ``Fit``."""
+    if not all(isinstance(part, tuple) for part in kept.values()):
+        return None
+    return tuple(sorted(kept.items()))
+
+
 class LossProbe:
     """Mean loss over a fixed list of calibration batches, and its change when layers are truncated."""
 
@@ -64,6 +72,7 @@ class LossProbe:
         self.model, self.batches, self.loss = model, list(batches), loss
         self.group = group or Group.current()
         self.measurements = 0
+        self._changes: dict[tuple[Any, ...], float] = {}  # finite changes measured without ``within``
         self.baseline = self.measure()
 
     def measure(self, strict: bool = True) -> float:
@@ -89,6 +98,17 @@ class LossProbe:
     def change(self, candidates: Mapping[str, Candidate], kept: Mapping[str, Components | Fit], strict: bool = True,
                within: AbstractContextManager[Any] | None = None) -> float:
         """Measured loss change when the named layers keep only the given components (see ``measure``);
-        ``within``: a context entered after the substitution, e.g. batch-norm recalibration of the result."""
+        ``within``: a context entered after the substitution, e.g. batch-norm recalibration of the result.
+
+        Without ``within``, a truncation measured before is not measured again: the same weights on the same
+        batches give the same number (compact's search has measured the plan it keeps, for instance). The
+        model must be the one the probe was made with, as it is whenever ``change`` is called.
+        """
+        key = truncation_key(kept) if within is None else None
+        if key is not None and key in self._changes:
+            return self._changes[key]
         with substituted(candidates, kept), within or nullcontext():
-            return self.measure(strict) - self.baseline
+            change = self.measure(strict) - self.baseline
+        if key is not None and math.isfinite(change):
+            self._changes[key] = change
+        return change

@@ -40,7 +40,7 @@ from rankcut.distributed import Group
 from rankcut.inventory import Candidate
 from rankcut.joint import memo
 from rankcut.joint.curves import ORDERS, LayerCurve
-from rankcut.joint.probing import LossProbe, spread_batches, substituted
+from rankcut.joint.probing import LossProbe, spread_batches, substituted, truncation_key
 from rankcut.joint.statistics import ComponentStats, gather_statistics
 from rankcut.layers import Fit, Rank
 from rankcut.linalg import Spectrum
@@ -458,7 +458,8 @@ class LossAware(Selector):
         """A whole plan's loss change on the probe batches, measured as it is built (batch norms recalibrated);
         nan or inf when the plan breaks the model's numerics."""
         kept = self._kept(plan)
-        return probe.change(candidates, kept, strict=False, within=self._recalibrated(recalibration, kept))
+        within = None if recalibration is None else self._recalibrated(recalibration, kept)
+        return probe.change(candidates, kept, strict=False, within=within)
 
     def _verify(self, candidates: Mapping[str, Candidate], curves: Mapping[str, LayerCurve], policy: RankPolicy,
                 chosen: dict[str, Option], source: str, checks: list[dict[str, Any]],
@@ -545,8 +546,7 @@ class LossAware(Selector):
         so a plan measured on the probe batches and then on validation is estimated once."""
         if recalibration is None or not kept:
             return nullcontext()
-        key = tuple(sorted(kept.items())) if all(isinstance(part, tuple) for part in kept.values()) else None
-        return recalibration.applied(self.model, key)
+        return recalibration.applied(self.model, truncation_key(kept))
 
     def _score(self, metrics: Mapping[str, float]) -> tuple[float, float]:
         return metrics.get(self.task.metric_name, 0.0), -metrics.get("loss", 0.0)
