@@ -374,7 +374,6 @@ def test_a_re_expanded_curve_interpolates_probes_on_each_side_of_its_origin():
     assert curve.known(1, 1e-9) and curve.known(3, 1e-9) and not curve.known(2, 1e-9)
 
 
-
 def test_a_probe_of_rounding_level_components_is_not_extrapolated():
     """A probe that cut only a layer's rounding-level tail measured rounding: scaling its residual by the energy
     of a real cut (1e14 times larger here) would price that cut absurdly."""
@@ -386,6 +385,7 @@ def test_a_probe_of_rounding_level_components_is_not_extrapolated():
     assert float(curve.dropped_energy[12]) < 1e-10 < float(curve.dropped_energy[20])
     curve.probes[12] = float(curve.predicted[12]) + 1e-9
     assert curve.residual(20) == pytest.approx(1e-9)
+
 
 def test_upper_bound_adds_the_sampling_error_of_the_prediction():
     model, batches, loss = _mixed_setup()
@@ -509,6 +509,7 @@ def test_lossless_says_what_a_dense_layers_best_cut_would_have_cost():
     assert re.fullmatch(r"lossless:params=0\.5: kept dense \(the budget went to cuts that add less loss per parameter "
                         r"saved; its best \(drop \d+ of 6 components, ΔL estimated \+[\d.]+ ± [\d.]+, charged "
                         r"\+[\d.]+\) saves \d+ params\)", plan["2"].reason)
+
 
 @pytest.mark.parametrize("fraction", [0.6, 0.35])
 def test_lossless_respects_its_budget(fraction):
