@@ -72,6 +72,8 @@ def test_compress_refuses_unsafe_outputs(tmp_path):
     (["inspect", "toy_models:cnn_factory", "--input-shape", "a,b"], "--input-shape"),
     (["compress", *TOY, "--ignore", "heads"], "'heads'"),
     (["eval", "toy_models:cnn_factory"], "pass --task"),
+    (["compress", *TOY, "--task", "toy_models:cnn_factory"],
+     "task 'toy_models:cnn_factory' must be a task (rankcut.tasks.base.Task); a ToyCNN has no name, metric_name"),
     (["compress", "toy_models:cnn_factory", "--input-shape", "2,5,16,16"],
      "the model does not run on its example inputs (2x5x16x16): RuntimeError"),
 ])

@@ -644,6 +644,41 @@ def test_compact_with_the_users_own_batches():
         rankcut.LoaderTask(iter([]), [], task.loss)
 
 
+def test_mistakes_in_the_users_own_data_get_clear_errors():
+    task = PlantedTask()
+    model = task.build_model()
+    calibration, validation = list(task.calibration_batches(256, 64)), [task.inputs["validation"]]
+
+    def compact(data):
+        return rankcut.compress(model, "compact", data=data, progress=False)
+
+    with pytest.raises(TypeError, match=r"data must be a task .* a list has no .*LoaderTask\(calibration_batches"):
+        compact(calibration)  # batches without a loss or a validation split
+    def per_sample(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return (m(batch) - task.teacher(batch)).pow(2).sum(1)  # not reduced to the batch's mean
+
+    with pytest.raises(ValueError, match=r"one number per batch.* a tensor of shape \(64,\)"):
+        compact(rankcut.LoaderTask(calibration, validation, per_sample))
+    with pytest.raises(ValueError, match="compact: the task gave no calibration batches"):
+        compact(rankcut.LoaderTask([], validation, task.loss))
+    with pytest.raises(ValueError, match="LoaderTask: the validation batches are empty"):
+        compact(rankcut.LoaderTask(calibration, [], task.loss))
+    broken = [torch.full_like(validation[0], float("nan"))]
+    with pytest.raises(ValueError, match="compact: the original model's validation loss is nan"):
+        compact(rankcut.LoaderTask(calibration, broken, task.loss))
+
+
+def test_a_non_finite_validation_result_is_never_kept():
+    from types import SimpleNamespace
+
+    baseline = {"loss": 1.0, "accuracy": 0.9}
+    compact, lossless = rankcut.parse_selector("compact"), rankcut.parse_selector("lossless:params=0.5")
+    for selector in (compact, lossless):
+        selector.task = SimpleNamespace(metric_name="accuracy")
+    assert compact._refusal({"loss": float("nan"), "accuracy": 0.95}, baseline) == "validation loss is nan"
+    assert lossless._score({"loss": float("inf"), "accuracy": 0.95}) < lossless._score({"loss": 9.0, "accuracy": 0.1})
+
+
 def test_compact_criterion_metric_ignores_a_higher_loss():
     from types import SimpleNamespace
 

@@ -23,7 +23,7 @@ from rankcut.plan import LayerPlan, Plan
 from rankcut.recalibration import BatchNormRecalibration, batch_norms
 from rankcut.report import Report
 from rankcut.selectors import Choice, RankPolicy, Selector, parse_selector
-from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, ModelInputs, Task, describe_inputs
+from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, ModelInputs, Task, describe_inputs, require_task
 
 PLAN_ATTRIBUTE = "_rankcut_plan"
 
@@ -73,6 +73,8 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
     the inputs (``whitened-svd``) reads them on ``task``'s first ``whitening_samples`` calibration samples.
     """
     selector = parse_selector(select)
+    if task is not None:
+        require_task(task, "task")
     if example_inputs is None and task is not None:
         example_inputs = task.example_inputs()
     if latency_guard and example_inputs is None:
@@ -254,7 +256,10 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     """
     if data is not None and task is not None and data is not task:
         raise ValueError("pass the task either as task= or as data=, not both")
+    argument = "task" if task is not None else "data"
     task = task if task is not None else data
+    if task is not None:
+        require_task(task, argument)
     start = time.perf_counter()
     if example_inputs is None and task is not None:
         example_inputs = task.example_inputs()
@@ -264,6 +269,8 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     store = BasisStore(cache_dir, low_memory=low_memory, randomized_above=randomized_above)
     inventory = scan(model, example_inputs, decomposition, ignore, store)
     selector = parse_selector(select)
+    if isinstance(select, str) and hasattr(selector, "progress"):  # a spec's selector follows progress=
+        selector.progress = progress
     recalibration = _recalibration(model, selector, task, recalibration_samples) if recalibrate else None
     plan = make_plan(model, selector, example_inputs=example_inputs, decomposition=decomposition, round_to=round_to,
                      inventory=inventory, task=task, latency_guard=latency_guard,

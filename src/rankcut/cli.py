@@ -54,7 +54,7 @@ def _load(model: str, weights: str | None, task: str | None) -> tuple[ModelSourc
     try:
         source = resolve_model(model, weights)
         return source, resolve_task(task) if task else source.task
-    except (ValueError, CheckpointError) as error:
+    except (ValueError, TypeError, CheckpointError) as error:
         _fail(str(error))
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from rankcut import hf
 from rankcut.tasks import TASKS, Task
+from rankcut.tasks.base import require_task
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,7 @@ def resolve_task(spec: str) -> Task:
     if ":" in spec:
         factory = import_object(spec, "task")
         task = factory() if callable(factory) and not isinstance(factory, Task) else factory
-        if not isinstance(task, Task):
-            raise ValueError(f"task {spec!r} does not provide the rankcut task contract (see rankcut.tasks.base.Task)")
-        return task
+        return require_task(task, f"task {spec!r}")
     raise ValueError(f"unknown task {spec!r}; built-in tasks: {', '.join(sorted(TASKS))}, or give 'module:function'")
 
 

@@ -19,6 +19,7 @@ from rankcut.distributed import Group
 from rankcut.inventory import Candidate
 from rankcut.joint.statistics import LossFn
 from rankcut.layers import Components, Fit
+from rankcut.tasks.base import batch_loss
 
 
 def low_rank_weight(candidate: Candidate, kept: Components | Fit) -> torch.Tensor:
@@ -83,7 +84,7 @@ class LossProbe:
         """
         self.model.eval()
         with torch.no_grad():
-            local = [float(self.loss(self.model, batch)) for batch in self.group.share(self.batches)]
+            local = [float(batch_loss(self.loss, self.model, batch)) for batch in self.group.share(self.batches)]
         values = self.group.gather_rows(torch.tensor(local, dtype=torch.float64)).tolist()
         self.measurements += 1
         value = sum(values) / len(values)

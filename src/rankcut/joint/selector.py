@@ -26,6 +26,7 @@ Steps, all without fine-tuning and without touching the test split:
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -186,6 +187,9 @@ class LossAware(Selector):
         start = time.perf_counter()
         group = Group.current()
         batches = list(self.task.calibration_batches(self.calibration_samples, self.batch_size))
+        if not batches:
+            raise ValueError(f"{self.spec}: the task gave no calibration batches; the loss statistics are taken on "
+                             "them (give LoaderTask a non-empty calibration loader)")
         probe_batches = spread_batches(batches, self.probe_samples, self.batch_size)
         probe = LossProbe(self.model, probe_batches, self.task.loss, group)
         self._recalibration = self._search_recalibration = None
@@ -475,6 +479,10 @@ class LossAware(Selector):
         """
         self._search = None
         baseline = self._validate(candidates, {}, "original", checks)
+        broken = _not_finite(baseline)
+        if broken:
+            raise ValueError(f"{self.spec}: the original model's validation {broken}; every plan is compared with "
+                             "it: check the validation data and the task's evaluation")
         if self.mode == "lossless":
             alternative = {name: self._energy[name] for name in candidates}  # the budget plan, these layers
             ours = self._validate(candidates, chosen, source, checks)
@@ -549,6 +557,9 @@ class LossAware(Selector):
         return recalibration.applied(self.model, truncation_key(kept))
 
     def _score(self, metrics: Mapping[str, float]) -> tuple[float, float]:
+        """lossless's ranking of validation results: the metric, then the loss; a non-finite result is last."""
+        if _not_finite(metrics):
+            return -float("inf"), -float("inf")
         return metrics.get(self.task.metric_name, 0.0), -metrics.get("loss", 0.0)
 
     def _refusal(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> str | None:
@@ -557,6 +568,9 @@ class LossAware(Selector):
         No loss: the validation metric not below the original's and, unless ``criterion="metric"``, the
         validation loss not above it; a change within ``tolerance`` of the original value counts as none (on
         accuracy over fewer than 100,000 examples that is less than one example: the check stays exact)."""
+        broken = _not_finite(metrics)
+        if broken:
+            return f"validation {broken}"
         slack = {key: self.tolerance * abs(value) for key, value in baseline.items()}
         if "loss" in baseline and self.criterion == "loss" and metrics["loss"] > baseline["loss"] + slack["loss"]:
             return f"validation loss {metrics['loss']:.6g} above the original's {baseline['loss']:.6g}"
@@ -626,3 +640,8 @@ class LossAware(Selector):
         unit, units = ("parameter", "params") if self.metric == "params" else ("MAC", "MACs")
         return (f"the budget went to cuts that add less loss per {unit} saved; its best ({self._charged(curve, best)}"
                 f"{origin}) saves {options[0].cost - best.cost:,} {units}")
+
+
+def _not_finite(metrics: Mapping[str, float]) -> str | None:
+    """The first non-finite validation result, in words (``loss is nan``), or None when all are finite."""
+    return next((f"{key} is {value}" for key, value in metrics.items() if not math.isfinite(value)), None)

@@ -26,6 +26,7 @@ from rankcut.inventory import Candidate
 from rankcut.layers import Rank
 from rankcut.layers.info import padded_like
 from rankcut.linalg import Spectrum, TuckerBasis
+from rankcut.tasks.base import batch_loss
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 _CONVS = (F.conv1d, F.conv2d, F.conv3d)  # by spatial dimensions
@@ -210,7 +211,7 @@ def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches
         for batch in progress(batches):
             pending.clear()
             with torch.enable_grad():
-                value = loss(model, batch)
+                value = batch_loss(loss, model, batch)
                 if not torch.isfinite(value):
                     raise ValueError(f"calibration loss is {float(value)}; the model or the data is broken")
                 outputs = [output for _, _, output in pending]

@@ -53,6 +53,16 @@ def run_example(model: nn.Module, inputs: ModelInputs) -> Any:
                          ) from error
 
 
+def batch_loss(loss: Forward, model: nn.Module, batch: Any) -> torch.Tensor:
+    """The task's loss on one batch, checked to be one number (the batch's mean loss) before anything uses it."""
+    value = loss(model, batch)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"the task's loss must return one number per batch, the batch's mean loss as a scalar "
+                         f"tensor; it returned {got} (reduce it, e.g. with .mean())")
+    return value.reshape(())
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (the CPU for a model without parameters)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -89,3 +99,16 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
         """Metrics of ``model`` on ``split`` (one of ``SPLITS``); includes ``metric_name``."""
         ...
+
+
+def require_task(task: object, argument: str) -> Task:
+    """``task`` when it keeps the task contract; otherwise a ``TypeError`` naming the argument, what the object
+    lacks, and the wrapper for a user's own batches."""
+    if isinstance(task, Task):
+        return task
+    members = [*Task.__annotations__, *(name for name, value in vars(Task).items()
+                                         if callable(value) and not name.startswith("_"))]
+    missing = ", ".join(name for name in members if not hasattr(task, name))
+    raise TypeError(f"{argument} must be a task (rankcut.tasks.base.Task); a {type(task).__name__} has no {missing}. "
+                    "For your own data pass rankcut.LoaderTask(calibration_batches, validation_batches, loss_fn), "
+                    "where loss_fn(model, batch) returns the batch's mean loss")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankcut.tasks.base import ModelInputs
+from rankcut.tasks.base import ModelInputs, batch_loss
 
 
 class LoaderTask:
@@ -46,13 +46,16 @@ class LoaderTask:
             seen += len(first) if hasattr(first, "__len__") else 1
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return self.loss_fn(model, batch)
+        return batch_loss(self.loss_fn, model, batch)
 
     def evaluate(self, model: nn.Module, split: str = "validation") -> dict[str, float]:
         if split != "validation":
             raise ValueError(f"a LoaderTask only has a validation split, not {split!r}")
         model.eval()
         with torch.no_grad():
-            values = [float(self.loss_fn(model, batch)) for batch in self.validation]
+            values = [float(self.loss(model, batch)) for batch in self.validation]
+        if not values:
+            raise ValueError("LoaderTask: the validation batches are empty; the loss-aware selectors check every "
+                             "plan on them")
         loss = sum(values) / len(values)
         return {"loss": loss, "neg_loss": -loss}
