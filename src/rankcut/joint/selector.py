@@ -487,6 +487,10 @@ class LossAware(Selector):
             alternative = {name: self._energy[name] for name in candidates}  # the budget plan, these layers
             ours = self._validate(candidates, chosen, source, checks)
             theirs = self._validate(candidates, alternative, ENERGY, checks)
+            if _not_finite(ours) and _not_finite(theirs):
+                raise ValueError(f"{self.spec}: on validation, the {source} plan's {_not_finite(ours)} and the "
+                                 f"{ENERGY} plan's {_not_finite(theirs)}; this size breaks the model's numerics "
+                                 "(keep more)")
             return (chosen, source) if self._score(ours) >= self._score(theirs) else (alternative, ENERGY)
         options = {name: self._options(curve, policy) for name, curve in curves.items()}
         path = self._compact_path(options, curves, probe)
