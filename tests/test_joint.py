@@ -684,6 +684,10 @@ def test_a_non_finite_validation_result_is_never_kept():
     assert report.plan.meta["selection"]["path_search"]["why"] == "validation loss is nan"
     with pytest.raises(ValueError, match="plan's loss is nan and the energy budget plan's loss is nan"):
         rankcut.compress(task.build_model(), "lossless:params=0.5", task=task, progress=False)
+    task.metric_name = "accuracy"  # a metric the task's evaluation does not return
+    with pytest.raises(ValueError, match=r"returned \['loss', 'neg_loss'\], without its metric_name 'accuracy'"):
+        rankcut.compress(PlantedTask().build_model(), "compact", task=task, progress=False)
+    task.metric_name = "neg_loss"
     lossless = rankcut.parse_selector("lossless:params=0.5")
     lossless.task = task
     assert lossless._score({"loss": float("inf"), "neg_loss": 0.5}) < lossless._score({"loss": 9.0, "neg_loss": -9.0})

@@ -479,6 +479,9 @@ class LossAware(Selector):
         """
         self._search = None
         baseline = self._validate(candidates, {}, "original", checks)
+        if self.task.metric_name not in baseline:
+            raise ValueError(f"{self.spec}: the task's evaluate(model, 'validation') returned {sorted(baseline)}, "
+                             f"without its metric_name {self.task.metric_name!r}; every plan is judged on it")
         broken = _not_finite(baseline)
         if broken:
             raise ValueError(f"{self.spec}: the original model's validation {broken}; every plan is compared with "
