@@ -127,3 +127,27 @@ def test_pickle_only_directories_are_refused(tmp_path):
     (source / "model.safetensors").rename(source / "pytorch_model.bin")
     with pytest.raises(ValueError, match="never unpickles"):
         hf.load_pretrained(source)
+
+
+def test_loss_aware_selection_on_hugging_face_style_batches():
+    """Dict batches, as a tokenizer gives them, through ``LoaderTask``: sample counts read from their tensors,
+    HF Conv1D layers measured and cut within the budget."""
+    model = tiny("gpt2")
+    generator = torch.Generator().manual_seed(0)
+
+    def batch() -> dict[str, torch.Tensor]:
+        ids = torch.randint(1, 99, (8, 12), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def loss(m: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return m(**inputs, labels=inputs["input_ids"]).loss
+
+    data = rankcut.LoaderTask([batch() for _ in range(4)], [batch() for _ in range(2)], loss)
+    assert len(list(data.calibration_batches(16, 8))) == 2  # 8 samples per batch, not 2 keys
+    selector = rankcut.LossAware("lossless", 0.6, calibration_samples=16, progress=False)
+    _, report = rankcut.compress(model, selector, data=data, progress=False)
+    selection = report.plan.meta["selection"]
+    assert selection["calibration_samples"] == 16
+    assert any(layer.kind == "hf_conv1d" and layer.rank is not None for layer in report.plan.layers)
+    before, after = report.factorizable_params
+    assert after <= 0.6 * before

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -42,8 +42,7 @@ class LoaderTask:
             if seen >= num_samples:
                 return
             yield batch
-            first = batch[0] if isinstance(batch, (tuple, list)) else batch
-            seen += len(first) if hasattr(first, "__len__") else 1
+            seen += batch_samples(batch)
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return batch_loss(self.loss_fn, model, batch)
@@ -59,3 +58,15 @@ class LoaderTask:
                              "plan on them")
         loss = sum(values) / len(values)
         return {"loss": loss, "neg_loss": -loss}
+
+
+def batch_samples(batch: Any) -> int:
+    """How many samples a batch holds: the first dimension of its tensor, of the first tensor in a mapping
+    (Hugging Face style ``{"input_ids": ..., "attention_mask": ...}``), or of its first element (``(x, y)``)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        return next((batch_samples(value) for value in batch.values() if isinstance(value, torch.Tensor)), 1)
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch_samples(batch[0])
+    return len(batch) if hasattr(batch, "__len__") else 1
