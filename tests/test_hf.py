@@ -147,7 +147,7 @@ def test_loss_aware_selection_on_hugging_face_style_batches():
     selector = rankcut.LossAware("lossless", 0.6, calibration_samples=16, progress=False)
     _, report = rankcut.compress(model, selector, data=data, progress=False)
     selection = report.plan.meta["selection"]
-    assert selection["calibration_samples"] == 16
+    assert selection["calibration_samples"] == selection["probe_samples"] == 16  # both batches, not one of 64
     assert any(layer.kind == "hf_conv1d" and layer.rank is not None for layer in report.plan.layers)
     before, after = report.factorizable_params
     assert after <= 0.6 * before

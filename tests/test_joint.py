@@ -744,9 +744,17 @@ def test_statistics_of_a_layer_called_twice_per_forward(decomposition):
 
 
 def test_probe_batches_are_spread_over_the_calibration_batches() -> None:
-    batches = list(range(8))  # e.g. sorted by length: a prefix would probe only the shortest
-    assert spread_batches(batches, samples=128, batch_size=64) == [2, 6]
-    assert spread_batches(batches, samples=100, batch_size=64) == [2, 6]  # whole batches: rounded up
-    assert spread_batches(batches, samples=1, batch_size=64) == [4]
-    assert spread_batches(batches, samples=512, batch_size=64) == batches
-    assert spread_batches(batches, samples=4096, batch_size=64) == batches
+    # e.g. sorted by length: a prefix would probe only the shortest
+    batches = [torch.full((64, 3), float(index)) for index in range(8)]
+
+    def spread(samples: int, of: list = batches) -> list[int]:
+        return [int(batch[0, 0]) if isinstance(batch, torch.Tensor) else int(batch["ids"][0, 0])
+                for batch in spread_batches(of, samples)]
+
+    assert spread(128) == [2, 6]
+    assert spread(100) == [2, 6]  # whole batches: rounded up
+    assert spread(1) == [4]
+    assert spread(512) == spread(4096) == list(range(8))
+    small = [{"ids": torch.full((8, 5), index)} for index in range(64)]  # a user's loader: 8 per batch, as dicts
+    assert spread(512, small) == list(range(64))
+    assert len(spread(128, small)) == 16

@@ -19,7 +19,7 @@ from rankcut.distributed import Group
 from rankcut.inventory import Candidate
 from rankcut.joint.statistics import LossFn
 from rankcut.layers import Components, Fit
-from rankcut.tasks.base import batch_loss
+from rankcut.tasks.base import batch_loss, batch_samples
 
 
 def low_rank_weight(candidate: Candidate, kept: Components | Fit) -> torch.Tensor:
@@ -48,14 +48,16 @@ def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Componen
             candidates[name].module.weight.data = weight
 
 
-def spread_batches(batches: Sequence[Any], samples: int, batch_size: int) -> list[Any]:
-    """Enough batches for ``samples`` samples, taken at evenly spaced positions of ``batches`` (centred).
+def spread_batches(batches: Sequence[Any], samples: int) -> list[Any]:
+    """Enough batches for ``samples`` samples (counted in the batches: a user's loader has its own batch size),
+    taken at evenly spaced positions of ``batches`` (centred).
 
     A loader may order its batches (the WordNet task sorts glosses by length to pad less); a prefix would
     then measure only the shortest ones, while the Taylor predictions the probes are compared with average
     over all calibration batches.
     """
-    count = min(len(batches), max(1, -(-samples // batch_size)))
+    total = sum(batch_samples(batch) for batch in batches)
+    count = min(len(batches), max(1, -(-samples * len(batches) // max(total, 1))))
     return [batches[int((index + 0.5) * len(batches) / count)] for index in range(count)]
 
 

@@ -57,7 +57,7 @@ from rankcut.selectors.allocation import (
 )
 from rankcut.selectors.base import Choice, RankPolicy, Selector
 from rankcut.selectors.budget import METRICS, Budget, layer_cost
-from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES
+from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, batch_samples
 
 MODES = ("lossless", "compact")
 LOSS_AWARE, ENERGY, REEXPANDED = "loss-aware", "energy budget", "re-expanded"  # where a plan came from
@@ -190,7 +190,7 @@ class LossAware(Selector):
         if not batches:
             raise ValueError(f"{self.spec}: the task gave no calibration batches; the loss statistics are taken on "
                              "them (give LoaderTask a non-empty calibration loader)")
-        probe_batches = spread_batches(batches, self.probe_samples, self.batch_size)
+        probe_batches = spread_batches(batches, self.probe_samples)
         probe = LossProbe(self.model, probe_batches, self.task.loss, group)
         self._recalibration = self._search_recalibration = None
         if self.recalibrate and batch_norms(self.model):
@@ -243,8 +243,9 @@ class LossAware(Selector):
         self.summary = {
             "mode": self.mode, "criterion": self.criterion, "order": self.order, "plan_source": source,
             "batch_norm_recalibration": self._recalibration is not None,
-            "calibration_samples": next(iter(stats.values())).a.shape[0], "probe_samples": self.probe_samples,
-            "probe_measurements": probe.measurements, "calibration_loss": probe.baseline,
+            "calibration_samples": next(iter(stats.values())).a.shape[0],
+            "probe_samples": sum(map(batch_samples, probe.batches)), "probe_measurements": probe.measurements,
+            "calibration_loss": probe.baseline,
             "statistics_cache": "off" if disk is None else "hit" if cached is not None else "miss",
             "confidence": self.confidence,
             "predicted_loss_change": (self._reexpansion["predicted_loss_change"] if source == REEXPANDED else

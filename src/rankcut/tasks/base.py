@@ -63,6 +63,18 @@ def batch_loss(loss: Forward, model: nn.Module, batch: Any) -> torch.Tensor:
     return value.reshape(())
 
 
+def batch_samples(batch: Any) -> int:
+    """How many samples a batch holds: the first dimension of its tensor, of the first tensor in a mapping
+    (Hugging Face style ``{"input_ids": ..., "attention_mask": ...}``), or of its first element (``(x, y)``)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        return next((batch_samples(value) for value in batch.values() if isinstance(value, torch.Tensor)), 1)
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch_samples(batch[0])
+    return len(batch) if hasattr(batch, "__len__") else 1
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (the CPU for a model without parameters)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))

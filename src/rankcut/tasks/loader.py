@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from rankcut.tasks.base import ModelInputs, batch_loss
+from rankcut.tasks.base import ModelInputs, batch_loss, batch_samples
 
 
 class LoaderTask:
@@ -59,14 +59,3 @@ class LoaderTask:
         loss = sum(values) / len(values)
         return {"loss": loss, "neg_loss": -loss}
 
-
-def batch_samples(batch: Any) -> int:
-    """How many samples a batch holds: the first dimension of its tensor, of the first tensor in a mapping
-    (Hugging Face style ``{"input_ids": ..., "attention_mask": ...}``), or of its first element (``(x, y)``)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        return next((batch_samples(value) for value in batch.values() if isinstance(value, torch.Tensor)), 1)
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch_samples(batch[0])
-    return len(batch) if hasattr(batch, "__len__") else 1
