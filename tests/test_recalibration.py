@@ -149,6 +149,9 @@ def test_compress_recalibrates_after_a_data_free_selector():
     assert torch.equal(corrected.norm.running_var, plain.norm.running_var)
     assert not torch.equal(corrected.norm.running_mean, model.norm.running_mean)
     assert report.plan.meta["after_factorization"]["calibration_samples"] == 64
+    fewer = rankcut.LoaderTask(list(task.calibration_batches(48, 16)), [], task.loss)  # 512 asked, 48 there
+    _, report = rankcut.compress(model, "budget:params=0.5", task=fewer, recalibrate=True, **kwargs)
+    assert report.plan.meta["after_factorization"]["calibration_samples"] == 48
 
 
 @pytest.mark.parametrize(("select", "task", "model", "message"), [

@@ -280,7 +280,7 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}
     compressed = apply(model, plan, inplace=inplace, progress=progress, inventory=inventory)
     finished = (selector.finish(compressed) if recalibration is None
-                else recalibration.finish(compressed, recalibration_samples))
+                else recalibration.finish(compressed))
     if finished is not None:
         plan.meta["after_factorization"] = finished
     plan.meta["bases"] = store.describe()

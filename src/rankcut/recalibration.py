@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from rankcut.tasks.base import Forward
+from rankcut.tasks.base import Forward, batch_samples
 
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]  # batch norm name -> (running mean, running var)
 
@@ -96,9 +96,9 @@ class BatchNormRecalibration:
                 bn.running_var.mul_(ratio)
         return len(current)
 
-    def finish(self, model: nn.Module, samples: int) -> dict[str, Any]:
+    def finish(self, model: nn.Module) -> dict[str, Any]:
         """Shift a built model's statistics (``apply``) and say what was done, for its plan's meta."""
-        return {"batch_norms": self.apply(model), "calibration_samples": samples,
+        return {"batch_norms": self.apply(model), "calibration_samples": sum(map(batch_samples, self.batches)),
                 "how": "paired shift of running statistics (rankcut.recalibration), forward passes only"}
 
     @contextmanager

@@ -270,7 +270,7 @@ class LossAware(Selector):
         """Recalibrate the built model's batch norms as every measured model was; say what was done."""
         if self._recalibration is None:
             return None
-        return self._recalibration.finish(model, self.calibration_samples)
+        return self._recalibration.finish(model)
 
     @staticmethod
     def _path(candidate: Candidate, policy: RankPolicy) -> tuple[Rank, ...]:

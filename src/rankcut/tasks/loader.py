@@ -36,7 +36,8 @@ class LoaderTask:
         return self._example_inputs
 
     def calibration_batches(self, num_samples: int, batch_size: int) -> Iterator[Any]:
-        """The user's calibration batches as given (``batch_size`` is theirs), up to ``num_samples`` samples."""
+        """The user's calibration batches as given (``batch_size`` is theirs): whole batches, in order, until they
+        hold at least ``num_samples`` samples (or run out). Reports count the samples actually used."""
         seen = 0
         for batch in self.calibration:
             if seen >= num_samples:
