@@ -663,6 +663,17 @@ def test_mistakes_in_the_users_own_data_get_clear_errors():
         compact(rankcut.LoaderTask([], validation, task.loss))
     with pytest.raises(ValueError, match="LoaderTask: the validation batches are empty"):
         compact(rankcut.LoaderTask(calibration, [], task.loss))
+    class Counted(list):
+        reads = 0
+
+        def __iter__(self):
+            Counted.reads += 1
+            return super().__iter__()
+
+    with pytest.raises(ValueError, match="a LoaderTask only has a validation split, not 'test'"):
+        rankcut.compress(model, "compact", data=rankcut.LoaderTask(Counted(calibration), validation, task.loss),
+                         evaluate_split="test", progress=False)
+    assert Counted.reads == 1  # LoaderTask's own check that it can be re-read: the selection never started
     broken = [torch.full_like(validation[0], float("nan"))]
     with pytest.raises(ValueError, match="compact: the original model's validation loss is nan"):
         compact(rankcut.LoaderTask(calibration, broken, task.loss))

@@ -272,12 +272,13 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     if isinstance(select, str) and hasattr(selector, "progress"):  # a spec's selector follows progress=
         selector.progress = progress
     recalibration = _recalibration(model, selector, task, recalibration_samples) if recalibrate else None
+    # before the selection, so that a split the task lacks fails before minutes of work
+    metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}
     plan = make_plan(model, selector, example_inputs=example_inputs, decomposition=decomposition, round_to=round_to,
                      inventory=inventory, task=task, latency_guard=latency_guard,
                      whitening_samples=whitening_samples, progress=progress)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs) if example_inputs is not None else None
-    metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}
     compressed = apply(model, plan, inplace=inplace, progress=progress, inventory=inventory)
     finished = (selector.finish(compressed) if recalibration is None
                 else recalibration.finish(compressed))
