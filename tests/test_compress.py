@@ -81,6 +81,20 @@ def test_per_layer_macs_match_pytorch_flop_counter(cnn):
         assert layer.macs_after == sum(flops[f"ToyCNN.{layer.name}"].values()) // 2, layer.name
 
 
+def test_example_inputs_follow_the_model_to_its_device(cnn):
+    """A task's example inputs live on the CPU; a model elsewhere (here the meta device, which computes shapes
+    only) is still scanned and counted on them."""
+    from rankcut.counting import count_macs
+    from rankcut.inventory import scan
+
+    x = cnn_inputs()
+    elsewhere = ToyCNN().to("meta")
+    assert count_macs(elsewhere, x) == count_macs(cnn, x)
+    on_cpu, on_meta = scan(cnn, x).candidates, scan(elsewhere, x).candidates
+    assert [c.info.dense_macs for c in on_meta] == [c.info.dense_macs for c in on_cpu]
+    assert {c.info.device.type for c in on_meta} == {"meta"}
+
+
 def test_break_even_guard_keeps_layers_that_cannot_pay_off():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(64, 64))
     _, report = rankcut.compress(model, "rank:3", progress=False)

@@ -22,8 +22,22 @@ SPLITS = ("calibration", "validation", "test")
 CALIBRATION_SAMPLES, BATCH_SIZE = 512, 64
 
 
+def on_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
+    """Inputs with every tensor (of a tuple or mapping too) moved to ``device``; other values as they are."""
+    def one(value: Any) -> Any:
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    if isinstance(inputs, Mapping):
+        return {key: one(value) for key, value in inputs.items()}
+    if isinstance(inputs, tuple):
+        return tuple(one(value) for value in inputs)
+    return one(inputs)
+
+
 def call_model(model: nn.Module, inputs: ModelInputs) -> Any:
-    """Call ``model`` with inputs given as a tensor, a tuple of arguments or a mapping of keyword arguments."""
+    """Call ``model`` with inputs given as a tensor, a tuple of arguments or a mapping of keyword arguments,
+    moved to the model's device (a task's example inputs live on the CPU; the model may not)."""
+    inputs = on_device(inputs, model_device(model))
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, tuple):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankcut.tasks.base import SPLITS, model_device
+from rankcut.tasks.base import SPLITS, model_device, on_device
 
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 TEMPERATURE = 0.05
@@ -95,7 +95,7 @@ def encode(model: nn.Module, inputs: Encoded) -> torch.Tensor:
     """Sentence embeddings of one tokenized batch, keeping the graph (for ``loss``); the batch goes to the
     device of the model's parameters, as the Fashion-MNIST task's do."""
     device = model_device(model)
-    inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+    inputs = on_device(inputs, device)
     output = model(**inputs)
     if isinstance(output, torch.Tensor):
         hidden = output
