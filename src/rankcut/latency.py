@@ -12,7 +12,7 @@ from torch import nn
 
 from rankcut.layers import Decomposition, LayerInfo, Rank
 from rankcut.layers.decompositions import dense_module
-from rankcut.tasks.base import ModelInputs, call_model
+from rankcut.tasks.base import ModelInputs, call_model, map_tensors
 
 # Seconds one forward pass of a module takes on an input.
 Timer = Callable[[nn.Module, torch.Tensor], float]
@@ -20,17 +20,13 @@ Timer = Callable[[nn.Module, torch.Tensor], float]
 
 def resize_batch(inputs: ModelInputs, batch_size: int) -> ModelInputs:
     """Example inputs repeated or cut along the batch dimension to ``batch_size`` rows."""
-    def one(value):
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+    def resized(value: torch.Tensor) -> torch.Tensor:
+        if value.dim() == 0:
             return value
         reps = -(-batch_size // value.shape[0])
         return value.repeat(reps, *([1] * (value.dim() - 1)))[:batch_size]
 
-    if isinstance(inputs, Mapping):
-        return {key: one(value) for key, value in inputs.items()}
-    if isinstance(inputs, tuple):
-        return tuple(one(value) for value in inputs)
-    return one(inputs)
+    return map_tensors(inputs, resized)
 
 
 def compare_latency(models: Mapping[str, nn.Module], example_inputs: ModelInputs,

@@ -22,16 +22,21 @@ SPLITS = ("calibration", "validation", "test")
 CALIBRATION_SAMPLES, BATCH_SIZE = 512, 64
 
 
-def on_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
-    """Inputs with every tensor (of a tuple or mapping too) moved to ``device``; other values as they are."""
+def map_tensors(inputs: ModelInputs, change: Callable[[torch.Tensor], torch.Tensor]) -> ModelInputs:
+    """Inputs with ``change`` applied to every tensor (of a tuple or mapping too); other values as they are."""
     def one(value: Any) -> Any:
-        return value.to(device) if isinstance(value, torch.Tensor) else value
+        return change(value) if isinstance(value, torch.Tensor) else value
 
     if isinstance(inputs, Mapping):
         return {key: one(value) for key, value in inputs.items()}
     if isinstance(inputs, tuple):
         return tuple(one(value) for value in inputs)
     return one(inputs)
+
+
+def on_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
+    """Inputs with every tensor moved to ``device``."""
+    return map_tensors(inputs, lambda tensor: tensor.to(device))
 
 
 def call_model(model: nn.Module, inputs: ModelInputs) -> Any:
