@@ -86,10 +86,10 @@ class LayerCurve:
     @classmethod
     def of(cls, candidate: Candidate, stats: ComponentStats, order: str) -> LayerCurve:
         """The layer's curve; a tucker2 layer follows its rank path (``order`` applies to svd layers)."""
-        basis = candidate.basis()
+        basis = candidate.basis()  # on the layer's device; curves live on the CPU, with the statistics
         n = stats.a.shape[1]
         if stats.path is None:
-            sigma_squared = (basis.S**2).sum(0)
+            sigma_squared = (basis.S**2).sum(0).cpu()
             sequence = removal_order(stats, sigma_squared, order)
             energy = torch.cumsum(sigma_squared[torch.tensor(sequence)], 0) / sigma_squared.sum().clamp(min=1e-300)
             dropped = torch.cat([torch.zeros(1, dtype=energy.dtype), energy[:-1]])
@@ -97,7 +97,7 @@ class LayerCurve:
         else:
             sequence = list(range(n - 1, -1, -1))
             ranks = list(stats.path)
-            dropped = (1 - basis.captured_energy(ranks)).clamp(min=0)
+            dropped = (1 - basis.captured_energy(ranks)).clamp(min=0).cpu()
         predicted, standard_error = _taylor(stats.a, sequence, 0)
         return cls(candidate, sequence, predicted, standard_error, dropped, ranks, stats.path is not None)
 
