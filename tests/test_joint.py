@@ -3,6 +3,7 @@ measurement, a planted rank that compact must find, budgets lossless must respec
 
 from __future__ import annotations
 
+import functools
 import re
 from contextlib import nullcontext
 
@@ -644,39 +645,47 @@ def test_compact_with_the_users_own_batches():
         rankcut.LoaderTask(iter([]), [], task.loss)
 
 
+class Counted(list):
+    """Batches that count how often they are read: a run that fails before its selection reads them once (the
+    ``LoaderTask`` check that they can be re-read)."""
+
+    reads = 0
+
+    def __iter__(self):
+        self.reads += 1
+        return super().__iter__()
+
+
 def test_mistakes_in_the_users_own_data_get_clear_errors():
     task = PlantedTask()
     model = task.build_model()
     calibration, validation = list(task.calibration_batches(256, 64)), [task.inputs["validation"]]
 
-    def compact(data):
-        return rankcut.compress(model, "compact", data=data, progress=False)
+    def compact(data, **kwargs):
+        return rankcut.compress(model, "compact", data=data, progress=False, **kwargs)
 
-    with pytest.raises(TypeError, match=r"data must be a task .* a list has no .*LoaderTask\(calibration_batches"):
-        compact(calibration)  # batches without a loss or a validation split
     def per_sample(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return (m(batch) - task.teacher(batch)).pow(2).sum(1)  # not reduced to the batch's mean
 
-    with pytest.raises(ValueError, match=r"one number per batch.* a tensor of shape \(64,\)"):
-        compact(rankcut.LoaderTask(calibration, validation, per_sample))
+    for batches in (calibration, torch.utils.data.DataLoader(task.inputs["calibration"], batch_size=64)):
+        kind = type(batches).__name__
+        with pytest.raises(TypeError, match=rf"data must be a task .* a {kind} has no .*LoaderTask\(calibration"):
+            compact(batches)  # batches without a loss or a validation split
     with pytest.raises(ValueError, match="compact: the task gave no calibration batches"):
         compact(rankcut.LoaderTask([], validation, task.loss))
-    with pytest.raises(ValueError, match="LoaderTask: the validation batches are empty"):
-        compact(rankcut.LoaderTask(calibration, [], task.loss))
-    class Counted(list):
-        reads = 0
-
-        def __iter__(self):
-            Counted.reads += 1
-            return super().__iter__()
-
-    with pytest.raises(ValueError, match="a LoaderTask only has a validation split, not 'test'"):
-        rankcut.compress(model, "compact", data=rankcut.LoaderTask(Counted(calibration), validation, task.loss),
-                         evaluate_split="test", progress=False)
-    assert Counted.reads == 1  # LoaderTask's own check that it can be re-read: the selection never started
-    broken = [torch.full_like(validation[0], float("nan"))]
-    with pytest.raises(ValueError, match="compact: the original model's validation loss is nan"):
-        compact(rankcut.LoaderTask(calibration, broken, task.loss))
+    # the original's validation comes first: these fail before the calibration batches are read
+    failing = {
+        r"one number per batch.* a tensor of shape \(256,\)": (validation, per_sample, {}),
+        "LoaderTask: the validation batches are empty": ([], task.loss, {}),
+        "compact: the original model's validation loss is nan": (
+            [torch.full_like(validation[0], float("nan"))], task.loss, {}),
+        "a LoaderTask only has a validation split, not 'test'": (validation, task.loss, {"evaluate_split": "test"}),
+    }
+    for message, (held_out, loss, kwargs) in failing.items():
+        counted = Counted(calibration)
+        with pytest.raises(ValueError, match=message):
+            compact(rankcut.LoaderTask(counted, held_out, loss), **kwargs)
+        assert counted.reads == 1, message
 
 
 class FragileTask(PlantedTask):
@@ -754,6 +763,30 @@ def test_statistics_of_a_layer_called_twice_per_forward(decomposition):
     assert -stats.a[:, n - 1:].sum(1).mean().item() == pytest.approx(derivative, rel=1e-5, abs=1e-9)
 
 
+@pytest.mark.parametrize("decomposition", ["svd", "tucker2"])
+def test_statistics_under_the_users_autocast(decomposition):
+    """A loss computed under autocast (bfloat16 here, float16 on a GPU) gives half-precision activations and
+    gradients; the projections still run in the layer's own precision and match the plain statistics."""
+    torch.manual_seed(0)
+    model = TwiceModel().eval()
+    x, y = torch.randn(16, 6, 5, 5), torch.randint(0, 3, (16,))
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+
+    def loss(m: nn.Module, batch, half: bool = False) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            logits = m(batch[0])
+        return nn.functional.cross_entropy(logits.float(), batch[1])
+
+    candidates = scan(model, decomposition={"conv": decomposition, "head": "svd"}).factorizable()
+    paths = {c.name: LossAware._path(c, rankcut.RankPolicy()) for c in candidates if c.name == "conv"}
+    paths = paths if decomposition == "tucker2" else None
+    plain = gather_statistics(model, candidates, batches, loss, paths=paths)
+    half = gather_statistics(model, candidates, batches, functools.partial(loss, half=True), paths=paths)
+    for name, stats in plain.items():
+        assert half[name].a.dtype == torch.float64
+        assert torch.linalg.norm(half[name].a - stats.a) <= 0.05 * torch.linalg.norm(stats.a), name
+
+
 def test_probe_batches_are_spread_over_the_calibration_batches() -> None:
     # e.g. sorted by length: a prefix would probe only the shortest
     batches = [torch.full((64, 3), float(index)) for index in range(8)]
@@ -769,3 +802,8 @@ def test_probe_batches_are_spread_over_the_calibration_batches() -> None:
     small = [{"ids": torch.full((8, 5), index)} for index in range(64)]  # a user's loader: 8 per batch, as dicts
     assert spread(512, small) == list(range(64))
     assert len(spread(128, small)) == 16
+    short_last = [*batches[:7], torch.full((52, 3), 7.0)]  # 500 calibration samples
+    assert spread(128, short_last) == [2, 6]  # as with 64 per batch
+    uneven = [torch.full((size, 3), float(index)) for index, size in enumerate([127, 1] * 4)]
+    picked = spread_batches(uneven, 256)
+    assert sum(len(batch) for batch in picked) >= 256 and len(picked) < len(uneven)

@@ -72,7 +72,7 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
     ``torchrun`` the processes share the work and all reach this same plan. A decomposition that whitens by
     the inputs (``whitened-svd``) reads them on ``task``'s first ``whitening_samples`` calibration samples.
     """
-    selector = parse_selector(select)
+    selector = _selector(select, progress)
     if task is not None:
         require_task(task, "task")
     if example_inputs is None and task is not None:
@@ -268,9 +268,7 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     model.eval()
     store = BasisStore(cache_dir, low_memory=low_memory, randomized_above=randomized_above)
     inventory = scan(model, example_inputs, decomposition, ignore, store)
-    selector = parse_selector(select)
-    if isinstance(select, str) and hasattr(selector, "progress"):  # a spec's selector follows progress=
-        selector.progress = progress
+    selector = _selector(select, progress)
     recalibration = _recalibration(model, selector, task, recalibration_samples) if recalibrate else None
     # before the selection, so that a split the task lacks fails before minutes of work
     metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}
@@ -296,6 +294,15 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     )
     report.seconds = time.perf_counter() - start
     return compressed, report
+
+
+def _selector(select: str | Selector, progress: bool) -> Selector:
+    """The selector for ``select``; one made from a spec string shows progress bars only with ``progress``
+    (a ``Selector`` object keeps its own setting)."""
+    selector = parse_selector(select)
+    if isinstance(select, str) and hasattr(selector, "progress"):
+        selector.progress = progress
+    return selector
 
 
 def _recalibration(model: nn.Module, selector: Selector, task: Task | None, samples: int) -> BatchNormRecalibration:

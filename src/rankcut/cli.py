@@ -53,8 +53,11 @@ def _example_inputs(source: ModelSource, task: Task | None, input_shape: str | N
 def _load(model: str, weights: str | None, task: str | None) -> tuple[ModelSource, Task | None]:
     try:
         source = resolve_model(model, weights)
+    except (ValueError, CheckpointError) as error:
+        _fail(str(error))
+    try:
         return source, resolve_task(task) if task else source.task
-    except (ValueError, TypeError, CheckpointError) as error:
+    except (ValueError, TypeError) as error:  # TypeError: an object that is not a task
         _fail(str(error))
 
 

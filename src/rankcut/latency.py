@@ -12,7 +12,7 @@ from torch import nn
 
 from rankcut.layers import Decomposition, LayerInfo, Rank
 from rankcut.layers.decompositions import dense_module
-from rankcut.tasks.base import ModelInputs, call_model, map_tensors
+from rankcut.tasks.base import ModelInputs, call_model, map_tensors, model_device, on_device
 
 # Seconds one forward pass of a module takes on an input.
 Timer = Callable[[nn.Module, torch.Tensor], float]
@@ -36,15 +36,16 @@ def compare_latency(models: Mapping[str, nn.Module], example_inputs: ModelInputs
     results: dict[int, dict[str, float]] = {}
     with torch.inference_mode():
         for batch_size in batch_sizes:
-            inputs = resize_batch(example_inputs, batch_size)
-            for model in models.values():
+            resized = resize_batch(example_inputs, batch_size)
+            inputs = {name: on_device(resized, model_device(model)) for name, model in models.items()}  # untimed
+            for name, model in models.items():
                 for _ in range(warmup):
-                    call_model(model, inputs)
+                    call_model(model, inputs[name])
             times: dict[str, list[float]] = {name: [] for name in models}
             for _ in range(repeats):
                 for name, model in models.items():
                     start = time.perf_counter()
-                    call_model(model, inputs)
+                    call_model(model, inputs[name])
                     times[name].append(time.perf_counter() - start)
             results[batch_size] = {name: statistics.median(values) for name, values in times.items()}
     return results

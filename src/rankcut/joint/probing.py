@@ -49,16 +49,20 @@ def substituted(candidates: Mapping[str, Candidate], kept: Mapping[str, Componen
 
 
 def spread_batches(batches: Sequence[Any], samples: int) -> list[Any]:
-    """Enough batches for ``samples`` samples (counted in the batches: a user's loader has its own batch size),
-    taken at evenly spaced positions of ``batches`` (centred).
+    """The fewest batches, at evenly spaced positions of ``batches`` (centred), that hold ``samples`` samples
+    (counted in the batches: a user's loader has its own batch size), or all of them.
 
     A loader may order its batches (the WordNet task sorts glosses by length to pad less); a prefix would
     then measure only the shortest ones, while the Taylor predictions the probes are compared with average
     over all calibration batches.
     """
-    total = sum(batch_samples(batch) for batch in batches)
-    count = min(len(batches), max(1, -(-samples * len(batches) // max(total, 1))))
-    return [batches[int((index + 0.5) * len(batches) / count)] for index in range(count)]
+    sizes = [batch_samples(batch) for batch in batches]
+    count = min(len(batches), max(1, -(-samples // max(max(sizes), 1))))  # a full batch each: the least count
+    while True:
+        picks = [int((index + 0.5) * len(batches) / count) for index in range(count)]
+        if count == len(batches) or sum(sizes[pick] for pick in picks) >= samples:
+            return [batches[pick] for pick in picks]
+        count += 1
 
 
 def truncation_key(kept: Mapping[str, Components | Fit]) -> tuple[Any, ...] | None:

@@ -185,6 +185,13 @@ class LossAware(Selector):
         if self.metric == "macs" and any(c.info.output_positions == 0 for c in candidates):
             raise ValueError(f"{self.spec} needs MACs per layer: pass example_inputs (or a task) to compress")
         start = time.perf_counter()
+        self._validation_seconds = 0.0
+
+        def elapsed() -> float:  # seconds since the start, validation evaluations left out (timed apart)
+            return time.perf_counter() - start - self._validation_seconds
+
+        checks: list[dict[str, Any]] = []
+        baseline = self._original_on_validation(checks)  # first: a task that cannot judge plans fails at once
         group = Group.current()
         batches = list(self.task.calibration_batches(self.calibration_samples, self.batch_size))
         if not batches:
@@ -219,27 +226,25 @@ class LossAware(Selector):
         curves = {c.name: LayerCurve.of(c, stats[c.name], self.order) for c in candidates}
         for name, table in measured.items():
             curves[name].probes.update(table)
-        statistics_seconds = time.perf_counter() - start
+        statistics_seconds = elapsed()
         if self.mode == "lossless":  # compact checks its sizes on validation; probes where it allocates suffice
             self._probe_initial(curves, probe)
         chosen = self._allocate(curves, policy, probe, tolerance)
-        probing_seconds = time.perf_counter() - start - statistics_seconds
+        probing_seconds = elapsed() - statistics_seconds
         source, self._reexpansion = LOSS_AWARE, {}
         if self.mode == "lossless" and self.reexpansions:
             chosen, source = self._reexpand(by_name, curves, policy, chosen, probe, tolerance, batches, paths)
-        reexpansion_seconds = time.perf_counter() - start - statistics_seconds - probing_seconds
-        self._validation_seconds = 0.0
-        checks: list[dict[str, Any]] = []
-        verifying = time.perf_counter()
-        chosen, source = self._verify(by_name, curves, policy, chosen, source, checks, probe)
-        verified = time.perf_counter()
+        reexpansion_seconds = elapsed() - statistics_seconds - probing_seconds
+        verifying = elapsed()
+        chosen, source = self._verify(by_name, curves, policy, chosen, source, checks, probe, baseline)
+        verified = elapsed()
         self._measure([(curves[name], option.note) for name, option in chosen.items()
                        if option.rank is not None and source == LOSS_AWARE], probe, "measuring the plan")
         kept = self._kept(chosen)
         measured_change = probe.change(by_name, kept) if kept else 0.0  # nothing truncated: exactly no change
         if disk is not None:  # every process: with a cache folder per node, each node keeps its own entry
             memo.save(disk, key, stats, {name: curve.probes for name, curve in curves.items()}, probe.baseline)
-        done = time.perf_counter()
+        done = elapsed()
         self.summary = {
             "mode": self.mode, "criterion": self.criterion, "order": self.order, "plan_source": source,
             "batch_norm_recalibration": self._recalibration is not None,
@@ -258,8 +263,9 @@ class LossAware(Selector):
             "seconds": {"statistics": round(statistics_seconds, 2), "probes_and_allocation": round(probing_seconds, 2),
                         "reexpansion": round(reexpansion_seconds, 2),
                         "validation": round(self._validation_seconds, 2),
-                        "search_on_probe_batches": round(verified - verifying - self._validation_seconds, 2),
-                        "measuring_the_plan": round(done - verified, 2), "total": round(done - start, 2)},
+                        "search_on_probe_batches": round(verified - verifying, 2),
+                        "measuring_the_plan": round(done - verified, 2),
+                        "total": round(time.perf_counter() - start, 2)},
         }
         choices = {name: self._choice(curves[name], chosen[name], tolerance, source, policy) for name in by_name}
         for name in inert:
@@ -468,7 +474,7 @@ class LossAware(Selector):
 
     def _verify(self, candidates: Mapping[str, Candidate], curves: Mapping[str, LayerCurve], policy: RankPolicy,
                 chosen: dict[str, Option], source: str, checks: list[dict[str, Any]],
-                probe: LossProbe) -> tuple[dict[str, Option], str]:
+                probe: LossProbe, baseline: Mapping[str, float]) -> tuple[dict[str, Option], str]:
         """Check plans with the task's real evaluation on the validation split; return the kept one and its source.
 
         lossless: the better (metric, then loss) of this plan and the energy-based budget plan of the same size.
@@ -476,17 +482,10 @@ class LossAware(Selector):
         batches then on validation; a model that fails it keeps everything. Otherwise the probe batches' loss
         (forward passes on the calibration samples) finds the longest prefix that does not raise it, then
         validation, from there, the longest prefix with no ``_refusal`` (never longer than the calibration
-        bracket, unless ``criterion="metric"``). No position is measured twice.
+        bracket, unless ``criterion="metric"``). No position is measured twice. ``baseline`` holds the
+        original model's validation results (``_original_on_validation``).
         """
         self._search = None
-        baseline = self._validate(candidates, {}, "original", checks)
-        if self.task.metric_name not in baseline:
-            raise ValueError(f"{self.spec}: the task's evaluate(model, 'validation') returned {sorted(baseline)}, "
-                             f"without its metric_name {self.task.metric_name!r}; every plan is judged on it")
-        broken = _not_finite(baseline)
-        if broken:
-            raise ValueError(f"{self.spec}: the original model's validation {broken}; every plan is compared with "
-                             "it: check the validation data and the task's evaluation")
         if self.mode == "lossless":
             alternative = {name: self._energy[name] for name in candidates}  # the budget plan, these layers
             ours = self._validate(candidates, chosen, source, checks)
@@ -537,6 +536,19 @@ class LossAware(Selector):
             return ended(*last_passing(validation_passes, found, 0, refused, self.max_evaluations))
         # a higher loss may still keep the metric: search the whole path, from the best guess
         return ended(*last_passing(validation_passes, found or first, 0, len(steps) + 1, self.max_evaluations))
+
+    def _original_on_validation(self, checks: list[dict[str, Any]]) -> dict[str, float]:
+        """The original model's validation results, which every plan is judged against; refused when they lack
+        the task's metric or are not finite."""
+        baseline = self._validate({}, {}, "original", checks)
+        if self.task.metric_name not in baseline:
+            raise ValueError(f"{self.spec}: the task's evaluate(model, 'validation') returned {sorted(baseline)}, "
+                             f"without its metric_name {self.task.metric_name!r}; every plan is judged on it")
+        broken = _not_finite(baseline)
+        if broken:
+            raise ValueError(f"{self.spec}: the original model's validation {broken}; every plan is compared with "
+                             "it: check the validation data and the task's evaluation")
+        return baseline
 
     @staticmethod
     def _kept(plan: Mapping[str, Option]) -> dict[str, Any]:

@@ -105,6 +105,7 @@ class _Projector(_PerSampleRows):
     def project_input(self, x: torch.Tensor) -> torch.Tensor:
         """``Vᵀ x`` at every output position: (B, g, n, positions)."""
         info = self.info
+        x = x.to(self.right.dtype)  # under the user's autocast the layer may have run in half precision
         if not info.is_conv:
             projected = x @ self.right.reshape(self.rank, -1).T  # (B, ..., n)
             return projected.reshape(x.shape[0], -1, 1, self.rank).permute(0, 2, 3, 1)
@@ -114,7 +115,7 @@ class _Projector(_PerSampleRows):
 
     def project_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         """``Uᵀ g`` at every output position: (B, g, n, positions)."""
-        batch = grad.shape[0]
+        batch, grad = grad.shape[0], grad.to(self.left.dtype)
         if not self.info.is_conv:
             projected = grad @ self.left[0]  # (B, ..., n)
             return projected.reshape(batch, -1, 1, self.rank).permute(0, 2, 3, 1)
@@ -160,11 +161,11 @@ class _TuckerProjector(_PerSampleRows):
 
     def project_input(self, x: torch.Tensor) -> torch.Tensor:
         """``U_inᵀ x`` at every input position (the padding commutes with this per-pixel projection)."""
-        return _CONVS[self.info.spatial_dims - 1](x, self.to_inner, groups=self.groups)
+        return _CONVS[self.info.spatial_dims - 1](x.to(self.to_inner.dtype), self.to_inner, groups=self.groups)
 
     def accumulate(self, x_inner: torch.Tensor, grad: torch.Tensor) -> None:
         """Add one call's per-sample derivatives along the path (×B: the loss is a batch mean)."""
-        batch, g = grad.shape[0], self.groups
+        batch, g, grad = grad.shape[0], self.groups, grad.to(self.left.dtype)
         g_inner = torch.einsum("bgmp,gmn->bgnp", grad.reshape(batch, g, self.info.out_per_group, -1), self.left)
         blocks = torch.zeros(batch, self.r_out, self.r_in, dtype=torch.float64, device=grad.device)
         step = max(1, self.chunk_elements // (batch * g * self.r_in * g_inner.shape[-1]))
@@ -196,9 +197,10 @@ def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches
 
     def hook(projector: _Projector):
         def record(_module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-            if output.requires_grad:
-                with torch.no_grad():
-                    pending.append((projector, projector.project_input(inputs[0].detach()), output))
+            if output.requires_grad:  # projected in the projector's precision, even under the user's autocast
+                x = inputs[0].detach()
+                with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                    pending.append((projector, projector.project_input(x), output))
         return record
 
     handles = [c.module.register_forward_hook(hook(projectors[c.name])) for c in candidates]

@@ -17,7 +17,8 @@ def energy_rank(spectrum: Spectrum, fraction: float) -> int:
     A partial spectrum that never reaches ``fraction`` answers one more than the components it holds.
     """
     energy = spectrum.energy()
-    found = int(torch.searchsorted(energy, torch.tensor(fraction - 1e-12, dtype=energy.dtype))) + 1
+    found = int(torch.searchsorted(energy, torch.tensor(fraction - 1e-12, dtype=energy.dtype,
+                                                        device=energy.device))) + 1
     return min(found, spectrum.max_rank + (0 if spectrum.complete else 1))
 
 

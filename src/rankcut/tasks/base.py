@@ -23,7 +23,8 @@ CALIBRATION_SAMPLES, BATCH_SIZE = 512, 64
 
 
 def map_tensors(inputs: ModelInputs, change: Callable[[torch.Tensor], torch.Tensor]) -> ModelInputs:
-    """Inputs with ``change`` applied to every tensor (of a tuple or mapping too); other values as they are."""
+    """Inputs with ``change`` applied to every tensor, the inputs themselves or the items of their tuple or
+    mapping (one level: nested containers are left as they are; a mapping comes back as a plain dict)."""
     def one(value: Any) -> Any:
         return change(value) if isinstance(value, torch.Tensor) else value
 
@@ -83,14 +84,25 @@ def batch_loss(loss: Forward, model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 def batch_samples(batch: Any) -> int:
-    """How many samples a batch holds: the first dimension of its tensor, of the first tensor in a mapping
-    (Hugging Face style ``{"input_ids": ..., "attention_mask": ...}``), or of its first element (``(x, y)``)."""
+    """How many samples a batch holds. A tensor: its first dimension. A mapping (Hugging Face style
+    ``{"input_ids": ..., "attention_mask": ...}``, or a ``datasets`` batch of lists): its first tensor with a
+    batch dimension, else its first list. A tuple or list whose first item is a tensor, mapping, tuple or list
+    holds fields (``(x, y)``, a collated ``[x, y]``): the first field's count. Any other list holds the samples
+    themselves (``["a gloss", "another"]``). A string is one sample."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, (str, bytes)):
+        return 1
     if isinstance(batch, Mapping):
-        return next((batch_samples(value) for value in batch.values() if isinstance(value, torch.Tensor)), 1)
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch_samples(batch[0])
+        values = list(batch.values())
+        field = next((v for v in values if isinstance(v, torch.Tensor) and v.dim()), None)
+        if field is None:
+            field = next((v for v in values if isinstance(v, (tuple, list))), None)
+        return 1 if field is None else batch_samples(field)
+    if isinstance(batch, (tuple, list)):
+        if batch and isinstance(batch[0], (torch.Tensor, Mapping, tuple, list)):
+            return batch_samples(batch[0])
+        return len(batch)
     return len(batch) if hasattr(batch, "__len__") else 1
 
 
@@ -140,6 +152,7 @@ def require_task(task: object, argument: str) -> Task:
     members = [*Task.__annotations__, *(name for name, value in vars(Task).items()
                                          if callable(value) and not name.startswith("_"))]
     missing = ", ".join(name for name in members if not hasattr(task, name))
-    raise TypeError(f"{argument} must be a task (rankcut.tasks.base.Task); a {type(task).__name__} has no {missing}. "
+    lacks = f"has no {missing}" if missing else "does not keep its contract"
+    raise TypeError(f"{argument} must be a task (rankcut.tasks.base.Task); a {type(task).__name__} {lacks}. "
                     "For your own data pass rankcut.LoaderTask(calibration_batches, validation_batches, loss_fn), "
                     "where loss_fn(model, batch) returns the batch's mean loss")

@@ -14,9 +14,9 @@ from rankcut.tasks.base import ModelInputs, batch_loss, batch_samples
 class LoaderTask:
     """Calibration batches, validation batches and a loss: enough for ``lossless`` and ``compact``.
 
-    ``loss(model, batch)`` returns the batch's mean loss. Validation is judged by that loss alone (the
-    metric is ``neg_loss``, higher is better), so keep the validation batches apart from the calibration
-    ones. Batches are re-iterated, so pass lists or loaders, not one-shot generators.
+    ``loss(model, batch)`` returns the batch's mean loss. Validation is judged by that loss alone, averaged
+    over the validation samples (the metric is ``neg_loss``, higher is better), so keep the validation batches
+    apart from the calibration ones. Batches are re-iterated, so pass lists or loaders, not one-shot generators.
     """
 
     name = "user-data"
@@ -46,17 +46,18 @@ class LoaderTask:
             seen += batch_samples(batch)
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return batch_loss(self.loss_fn, model, batch)
+        return self.loss_fn(model, batch)
 
     def evaluate(self, model: nn.Module, split: str = "validation") -> dict[str, float]:
         if split != "validation":
             raise ValueError(f"a LoaderTask only has a validation split, not {split!r}")
         model.eval()
-        with torch.no_grad():
-            values = [float(self.loss(model, batch)) for batch in self.validation]
-        if not values:
+        with torch.no_grad():  # each batch's mean loss, weighted by its samples: a short last batch counts less
+            weighted = [(float(batch_loss(self.loss_fn, model, batch)), batch_samples(batch))
+                        for batch in self.validation]
+        samples = sum(count for _, count in weighted)
+        if not samples:
             raise ValueError("LoaderTask: the validation batches are empty; the loss-aware selectors check every "
                              "plan on them")
-        loss = sum(values) / len(values)
+        loss = sum(value * count for value, count in weighted) / samples
         return {"loss": loss, "neg_loss": -loss}
-

@@ -55,9 +55,9 @@ class LowRankProduct(nn.Module):
         grouped = matrix.detach().to(torch.float64).reshape(self.groups, self.rows, self.cols)
         U, s, Vh = torch.linalg.svd(grouped, full_matrices=False)
         extra = self.width - s.shape[1]
-        options = {"dtype": torch.float64, "generator": self.generator}
-        U_extra = torch.randn(self.groups, self.rows, extra, **options) / math.sqrt(self.rows)
-        V_extra = torch.randn(self.groups, self.cols, extra, **options) / math.sqrt(self.cols)
+        options = {"dtype": torch.float64, "generator": self.generator}  # drawn on the CPU, where the generator is
+        U_extra = torch.randn(self.groups, self.rows, extra, **options).to(U.device) / math.sqrt(self.rows)
+        V_extra = torch.randn(self.groups, self.cols, extra, **options).to(U.device) / math.sqrt(self.cols)
         U = torch.cat([U, U_extra], dim=2)
         V = torch.cat([Vh.transpose(1, 2), V_extra], dim=2)
         s = torch.cat([s, s.new_zeros(self.groups, extra)], dim=1)
