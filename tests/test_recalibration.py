@@ -152,6 +152,9 @@ def test_compress_recalibrates_after_a_data_free_selector():
     fewer = rankcut.LoaderTask(list(task.calibration_batches(48, 16)), [], task.loss)  # 512 asked, 48 there
     _, report = rankcut.compress(model, "budget:params=0.5", task=fewer, recalibrate=True, **kwargs)
     assert report.plan.meta["after_factorization"]["calibration_samples"] == 48
+    _, report = rankcut.compress(model, "budget:params=0.5", task=fewer, recalibrate=True, recalibration_samples=40,
+                                 **kwargs)
+    assert report.plan.meta["after_factorization"]["calibration_samples"] == 48  # whole batches: 3 of 16
 
 
 @pytest.mark.parametrize(("select", "task", "model", "message"), [
