@@ -19,6 +19,7 @@ from rankcut.joint.probing import low_rank_weight, spread_batches
 from rankcut.layers import Fit
 from rankcut.plan import Plan
 from rankcut.recalibration import BatchNormRecalibration
+from rankcut.tasks.base import batch_samples
 
 from toy_models import Conv1D, ToyCNN, ToyTask
 
@@ -782,9 +783,29 @@ def test_statistics_under_the_users_autocast(decomposition):
     paths = paths if decomposition == "tucker2" else None
     plain = gather_statistics(model, candidates, batches, loss, paths=paths)
     half = gather_statistics(model, candidates, batches, functools.partial(loss, half=True), paths=paths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # around the whole pass, gradients projected too
+        around = gather_statistics(model, candidates, batches, loss, paths=paths)
     for name, stats in plain.items():
-        assert half[name].a.dtype == torch.float64
-        assert torch.linalg.norm(half[name].a - stats.a) <= 0.05 * torch.linalg.norm(stats.a), name
+        for other in (half[name], around[name]):
+            assert other.a.dtype == torch.float64
+            assert torch.linalg.norm(other.a - stats.a) <= 0.05 * torch.linalg.norm(stats.a), name
+
+
+@pytest.mark.parametrize(("batch", "samples"), [
+    (torch.zeros(7, 3), 7),
+    ((torch.zeros(5, 2), torch.zeros(5)), 5),  # (inputs, targets)
+    ([torch.zeros(5, 2), torch.zeros(5)], 5),  # as a DataLoader collates it
+    ({"n": torch.tensor(3), "input_ids": torch.zeros(8, 4), "attention_mask": torch.ones(8, 4)}, 8),
+    (({"input_ids": torch.zeros(4, 3)}, torch.zeros(4)), 4),
+    ((["a long gloss", "b"], torch.zeros(2)), 2),  # text, tokenized inside the loss
+    (["one", "two", "three"], 3),
+    ({"input_ids": [[1, 2, 3, 4, 5], [1, 2]], "label": [0, 1]}, 2),  # a datasets batch, not tokenized to tensors
+    ({"pixel_values": [torch.zeros(3, 8, 8)] * 2, "label": [0, 1]}, 2),
+    ({"gloss": {"input_ids": torch.zeros(6, 9)}}, 6),
+    ("a single string", 1),
+])
+def test_batches_are_counted_in_samples(batch, samples):
+    assert batch_samples(batch) == samples
 
 
 def test_probe_batches_are_spread_over_the_calibration_batches() -> None:
@@ -805,5 +826,4 @@ def test_probe_batches_are_spread_over_the_calibration_batches() -> None:
     short_last = [*batches[:7], torch.full((52, 3), 7.0)]  # 500 calibration samples
     assert spread(128, short_last) == [2, 6]  # as with 64 per batch
     uneven = [torch.full((size, 3), float(index)) for index, size in enumerate([127, 1] * 4)]
-    picked = spread_batches(uneven, 256)
-    assert sum(len(batch) for batch in picked) >= 256 and len(picked) < len(uneven)
+    assert spread(256, uneven) == [0, 2, 4, 5, 7]  # 3 and 4 evenly spaced batches hold 255 and 4 samples

@@ -25,7 +25,15 @@ from rankcut.report import describe_other_modules
 from rankcut.selectors import EXAMPLES, Selector, parse_selector
 from rankcut.sources import ZOO, ModelSource, build_source_model, resolve_model, resolve_task
 from rankcut.spectrum_report import spectrum_report
-from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, ModelInputs, Task, describe_inputs, run_example
+from rankcut.tasks.base import (
+    BATCH_SIZE,
+    CALIBRATION_SAMPLES,
+    ModelInputs,
+    NotATask,
+    Task,
+    describe_inputs,
+    run_example,
+)
 
 MODEL_HELP = ("MODEL: a zoo name (" + ", ".join(sorted(ZOO)) + "), a saved rankcut directory, a Hugging Face "
               "model directory (config.json + safetensors), or 'package.module:factory' (with --weights "
@@ -53,11 +61,8 @@ def _example_inputs(source: ModelSource, task: Task | None, input_shape: str | N
 def _load(model: str, weights: str | None, task: str | None) -> tuple[ModelSource, Task | None]:
     try:
         source = resolve_model(model, weights)
-    except (ValueError, CheckpointError) as error:
-        _fail(str(error))
-    try:
         return source, resolve_task(task) if task else source.task
-    except (ValueError, TypeError) as error:  # TypeError: an object that is not a task
+    except (ValueError, NotATask, CheckpointError) as error:
         _fail(str(error))
 
 

@@ -15,6 +15,7 @@ A tucker2 layer is gathered the same way in the bases of its two unfoldings: per
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,7 +200,7 @@ def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches
         def record(_module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             if output.requires_grad:  # projected in the projector's precision, even under the user's autocast
                 x = inputs[0].detach()
-                with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                with torch.no_grad(), _without_autocast(x.device):
                     pending.append((projector, projector.project_input(x), output))
         return record
 
@@ -218,7 +219,7 @@ def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches
                     raise ValueError(f"calibration loss is {float(value)}; the model or the data is broken")
                 outputs = [output for _, _, output in pending]
                 grads = torch.autograd.grad(value, outputs, allow_unused=True)
-            with torch.no_grad():
+            with torch.no_grad(), _without_autocast(value.device):
                 for (projector, x_projected, _), grad in zip(pending, grads, strict=True):
                     if grad is not None:
                         projector.accumulate(x_projected, grad)
@@ -233,6 +234,15 @@ def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches
         model.train(was_training)
     results = {name: projector.result() for name, projector in projectors.items()}
     return {name: stats for name, stats in results.items() if stats is not None}
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")  # where torch.autocast can be switched off
+
+
+def _without_autocast(device: torch.device) -> AbstractContextManager[Any]:
+    """Autocast switched off on ``device`` (a user's loss may run under it): projections keep the layer's
+    precision. Nothing to switch off on a device type autocast does not know."""
+    return torch.autocast(device.type, enabled=False) if device.type in _AUTOCAST_DEVICES else nullcontext()
 
 
 def _projector(candidate: Candidate, path: Sequence[Rank] | None) -> _Projector | _TuckerProjector:

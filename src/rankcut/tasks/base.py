@@ -84,21 +84,26 @@ def batch_loss(loss: Forward, model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 def batch_samples(batch: Any) -> int:
-    """How many samples a batch holds. A tensor: its first dimension. A mapping (Hugging Face style
-    ``{"input_ids": ..., "attention_mask": ...}``, or a ``datasets`` batch of lists): its first tensor with a
-    batch dimension, else its first list. A tuple or list whose first item is a tensor, mapping, tuple or list
-    holds fields (``(x, y)``, a collated ``[x, y]``): the first field's count. Any other list holds the samples
-    themselves (``["a gloss", "another"]``). A string is one sample."""
+    """How many samples a batch holds. A tensor: its first dimension. A mapping holds fields (Hugging Face
+    style ``{"input_ids": ..., "attention_mask": ...}``, or a ``datasets`` batch of lists): the first dimension
+    of its first tensor with one, else the length of its first list, else its first nested mapping's count. A
+    tuple or list whose first item is a tensor, mapping, tuple or list holds fields (``(x, y)``, a collated
+    ``[x, y]``): the first field's count. Any other list holds the samples themselves (``["a gloss", "b"]``).
+    A string is one sample. An uncollated list of per-sample tuples would be read as fields."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.dim() else 1
     if isinstance(batch, (str, bytes)):
         return 1
-    if isinstance(batch, Mapping):
+    if isinstance(batch, Mapping):  # its fields: one value per sample along their first dimension
         values = list(batch.values())
-        field = next((v for v in values if isinstance(v, torch.Tensor) and v.dim()), None)
-        if field is None:
-            field = next((v for v in values if isinstance(v, (tuple, list))), None)
-        return 1 if field is None else batch_samples(field)
+        tensor = next((v for v in values if isinstance(v, torch.Tensor) and v.dim()), None)
+        if tensor is not None:
+            return tensor.shape[0]
+        column = next((v for v in values if isinstance(v, (tuple, list))), None)  # a datasets batch
+        if column is not None:
+            return len(column)
+        nested = next((v for v in values if isinstance(v, Mapping)), None)
+        return 1 if nested is None else batch_samples(nested)
     if isinstance(batch, (tuple, list)):
         if batch and isinstance(batch[0], (torch.Tensor, Mapping, tuple, list)):
             return batch_samples(batch[0])
@@ -144,8 +149,12 @@ class Task(Protocol):
         ...
 
 
+class NotATask(TypeError):
+    """An object given where a task is needed does not keep the task contract."""
+
+
 def require_task(task: object, argument: str) -> Task:
-    """``task`` when it keeps the task contract; otherwise a ``TypeError`` naming the argument, what the object
+    """``task`` when it keeps the task contract; otherwise ``NotATask`` naming the argument, what the object
     lacks, and the wrapper for a user's own batches."""
     if isinstance(task, Task):
         return task
@@ -153,6 +162,6 @@ def require_task(task: object, argument: str) -> Task:
                                          if callable(value) and not name.startswith("_"))]
     missing = ", ".join(name for name in members if not hasattr(task, name))
     lacks = f"has no {missing}" if missing else "does not keep its contract"
-    raise TypeError(f"{argument} must be a task (rankcut.tasks.base.Task); a {type(task).__name__} {lacks}. "
+    raise NotATask(f"{argument} must be a task (rankcut.tasks.base.Task); a {type(task).__name__} {lacks}. "
                     "For your own data pass rankcut.LoaderTask(calibration_batches, validation_batches, loss_fn), "
                     "where loss_fn(model, batch) returns the batch's mean loss")

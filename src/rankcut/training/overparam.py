@@ -55,7 +55,8 @@ class LowRankProduct(nn.Module):
         grouped = matrix.detach().to(torch.float64).reshape(self.groups, self.rows, self.cols)
         U, s, Vh = torch.linalg.svd(grouped, full_matrices=False)
         extra = self.width - s.shape[1]
-        options = {"dtype": torch.float64, "generator": self.generator}  # drawn on the CPU, where the generator is
+        device = self.generator.device if self.generator is not None else torch.device("cpu")  # where it draws
+        options = {"dtype": torch.float64, "generator": self.generator, "device": device}
         U_extra = torch.randn(self.groups, self.rows, extra, **options).to(U.device) / math.sqrt(self.rows)
         V_extra = torch.randn(self.groups, self.cols, extra, **options).to(U.device) / math.sqrt(self.cols)
         U = torch.cat([U, U_extra], dim=2)
