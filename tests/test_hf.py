@@ -137,10 +137,13 @@ def test_loss_aware_selection_on_hugging_face_style_batches():
 
     def batch() -> dict[str, torch.Tensor]:
         ids = torch.randint(1, 99, (8, 12), generator=generator)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        mask = torch.ones_like(ids)
+        mask[::2, 9:] = 0  # padded rows, as a tokenizer pads a batch of texts
+        return {"input_ids": ids, "attention_mask": mask}
 
-    def loss(m: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return m(**inputs, labels=inputs["input_ids"]).loss
+    def loss(m: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # as in the README
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        return m(**inputs, labels=labels).loss
 
     data = rankcut.LoaderTask([batch() for _ in range(4)], [batch() for _ in range(2)], loss)
     assert len(list(data.calibration_batches(16, 8))) == 2  # 8 samples per batch, not 2 keys
