@@ -1,6 +1,7 @@
 """The command line: inspect, compress, eval and bench on a user model and on the built-in MiniLM."""
 
 import json
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -63,6 +64,21 @@ def test_compress_refuses_unsafe_outputs(tmp_path):
     assert run("compress", *TOY, "--out", str(out), "--force", "--no-progress").exit_code == 0
     onto_itself = run("compress", str(out), "--input-shape", "2,3,16,16", "--out", str(out), "--force")
     assert onto_itself.exit_code == 2 and "holds the input" in onto_itself.output
+
+
+def test_module_specs_import_from_the_working_directory(tmp_path, monkeypatch):
+    """The installed ``rankcut`` command does not put the working directory on the import path by itself."""
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text("from torch import nn\n\n\ndef make_net():\n"
+                                       "    return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    result = run("compress", "mypkg.models:make_net", "--input-shape", "2,16", "--select", "fixed:0.5",
+                 "--no-progress", "--split", "none")
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 layers factorized" in result.output
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -81,6 +81,15 @@ def test_per_layer_macs_match_pytorch_flop_counter(cnn):
         assert layer.macs_after == sum(flops[f"ToyCNN.{layer.name}"].values()) // 2, layer.name
 
 
+def test_compress_gives_the_callers_model_back_in_its_mode(cnn):
+    x = cnn_inputs()
+    cnn.train()
+    compressed, _ = rankcut.compress(cnn, "fixed:0.5", example_inputs=x, progress=False)
+    assert cnn.training and not compressed.training  # measured and built in eval mode
+    same, _ = rankcut.compress(cnn, "fixed:0.5", example_inputs=x, inplace=True, progress=False)
+    assert same is cnn and not cnn.training  # in place: the model is the compressed one
+
+
 def test_example_inputs_follow_the_model_to_its_device(cnn):
     """A task's example inputs live on the CPU; a model elsewhere (here the meta device, which computes shapes
     only) is still scanned and counted on them."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 
 from torch import nn
@@ -91,8 +92,9 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
     prepare_bases(inventory.factorizable(), group, progress)
     if selector.needs_data:
         if task is None:
-            raise ValueError(f"{selector.spec} chooses ranks from the model's loss: pass task=... "
-                             "(a built-in task, or an object with calibration_batches, loss and evaluate)")
+            raise ValueError(f"{selector.spec} chooses ranks from the model's loss: pass task=... or data=... "
+                             "(a built-in task, or rankcut.LoaderTask(calibration_batches, validation_batches, "
+                             "loss_fn) for your own data)")
         selector.bind(model, task)
     choices = selector.choose(inventory.factorizable(), policy)
     layers = [_layer_plan(c, choices.get(c.name)) for c in inventory.candidates]
@@ -265,35 +267,48 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
         example_inputs = task.example_inputs()
     if example_inputs is None and hf.is_hf_model(model):
         example_inputs = hf.example_inputs(model)
-    model.eval()
-    store = BasisStore(cache_dir, low_memory=low_memory, randomized_above=randomized_above)
-    inventory = scan(model, example_inputs, decomposition, ignore, store)
-    selector = _selector(select, progress)
-    recalibration = _recalibration(model, selector, task, recalibration_samples) if recalibrate else None
-    # before the selection, so that a split the task lacks fails before minutes of work
-    metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}
-    plan = make_plan(model, selector, example_inputs=example_inputs, decomposition=decomposition, round_to=round_to,
-                     inventory=inventory, task=task, latency_guard=latency_guard,
-                     whitening_samples=whitening_samples, progress=progress)
-    params_before = count_params(model)
-    macs_before = count_macs(model, example_inputs) if example_inputs is not None else None
-    compressed = apply(model, plan, inplace=inplace, progress=progress, inventory=inventory)
-    finished = (selector.finish(compressed) if recalibration is None
-                else recalibration.finish(compressed))
-    if finished is not None:
-        plan.meta["after_factorization"] = finished
-    plan.meta["bases"] = store.describe()
-    report = Report(
-        plan=plan, params_before=params_before, params_after=count_params(compressed),
-        macs_before=macs_before,
-        macs_after=count_macs(compressed, example_inputs) if example_inputs is not None else None,
-        inputs=describe_inputs(example_inputs) if example_inputs is not None else "",
-        metric_name=task.metric_name if metrics_before else None, metrics_before=metrics_before,
-        metrics_after=task.evaluate(compressed, evaluate_split) if metrics_before else {},
-        other_modules=inventory.other_modules,
-    )
+    with _in_eval_mode(model, restore=not inplace):  # the caller's model gets its mode back
+        store = BasisStore(cache_dir, low_memory=low_memory, randomized_above=randomized_above)
+        inventory = scan(model, example_inputs, decomposition, ignore, store)
+        selector = _selector(select, progress)
+        recalibration = _recalibration(model, selector, task, recalibration_samples) if recalibrate else None
+        # before the selection, so that a split the task lacks fails before minutes of work
+        metrics_before = task.evaluate(model, evaluate_split) if task is not None and evaluate_split else {}
+        plan = make_plan(model, selector, example_inputs=example_inputs, decomposition=decomposition, round_to=round_to,
+                         inventory=inventory, task=task, latency_guard=latency_guard,
+                         whitening_samples=whitening_samples, progress=progress)
+        params_before = count_params(model)
+        macs_before = count_macs(model, example_inputs) if example_inputs is not None else None
+        compressed = apply(model, plan, inplace=inplace, progress=progress, inventory=inventory)
+        finished = (selector.finish(compressed) if recalibration is None
+                    else recalibration.finish(compressed))
+        if finished is not None:
+            plan.meta["after_factorization"] = finished
+        plan.meta["bases"] = store.describe()
+        report = Report(
+            plan=plan, params_before=params_before, params_after=count_params(compressed),
+            macs_before=macs_before,
+            macs_after=count_macs(compressed, example_inputs) if example_inputs is not None else None,
+            inputs=describe_inputs(example_inputs) if example_inputs is not None else "",
+            metric_name=task.metric_name if metrics_before else None, metrics_before=metrics_before,
+            metrics_after=task.evaluate(compressed, evaluate_split) if metrics_before else {},
+            other_modules=inventory.other_modules,
+        )
     report.seconds = time.perf_counter() - start
     return compressed, report
+
+
+@contextmanager
+def _in_eval_mode(model: nn.Module, restore: bool) -> Iterator[None]:
+    """``model`` in eval mode within the block (scans, measurements and factors need it); afterwards back in the
+    mode it was in, when ``restore``."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if restore:
+            model.train(was_training)
 
 
 def _selector(select: str | Selector, progress: bool) -> Selector:

@@ -74,6 +74,9 @@ DECOMPOSITION_HELP = ("svd, tucker2, auto (tucker2 for k×k convs, svd for the r
 def main() -> None:
     torch.manual_seed(0)
     init_from_environment()
+    # module:function specs import from the working directory, as under `python -m rankcut`
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
 
 
 _model_argument = click.argument("model")

@@ -89,7 +89,7 @@ def describe_selection(selection: dict) -> str:
              f"{selection['seconds']['total']:.1f} s",
              f"calibration loss {selection['calibration_loss']:.4f}: change predicted "
              f"{selection['predicted_loss_change']:+.4f} ({_predicted_how(selection)}), "
-             f"measured {selection['measured_loss_change']:+.4f}"]
+             f"measured {selection['measured_loss_change']:+.4f}{_measured_how(selection)}"]
     reexpansion = selection.get("reexpansion")
     if reexpansion:
         before = reexpansion["probe_loss_change"]
@@ -113,6 +113,12 @@ def _predicted_how(selection: dict) -> str:
     if selection["plan_source"] == "re-expanded":
         return "the re-expansion centre's measured change plus the layers' changes from it"
     return "sum over layers"
+
+
+def _measured_how(selection: dict) -> str:
+    """The summary's measured change is the plan's truncation alone, like the Taylor sum it sits next to; with
+    batch norms the model is built recalibrated, as the whole-plan lines below measure it."""
+    return " (truncation alone, batch norms not recalibrated)" if selection.get("batch_norm_recalibration") else ""
 
 
 def describe_other_modules(other_modules: list[tuple[str, str, int]]) -> str:
