@@ -12,7 +12,7 @@ from torch import nn
 
 from rankcut.layers import Decomposition, LayerInfo, Rank
 from rankcut.layers.decompositions import dense_module
-from rankcut.tasks.base import ModelInputs, call_model, map_tensors, model_device, on_device
+from rankcut.tasks.base import ModelInputs, feed, map_tensors, model_device, on_device
 
 # Seconds one forward pass of a module takes on an input.
 Timer = Callable[[nn.Module, torch.Tensor], float]
@@ -37,15 +37,15 @@ def compare_latency(models: Mapping[str, nn.Module], example_inputs: ModelInputs
     with torch.inference_mode():
         for batch_size in batch_sizes:
             resized = resize_batch(example_inputs, batch_size)
-            inputs = {name: on_device(resized, model_device(model)) for name, model in models.items()}  # untimed
+            inputs = {name: on_device(resized, model_device(model)) for name, model in models.items()}  # moved once
             for name, model in models.items():
                 for _ in range(warmup):
-                    call_model(model, inputs[name])
+                    feed(model, inputs[name])
             times: dict[str, list[float]] = {name: [] for name in models}
             for _ in range(repeats):
                 for name, model in models.items():
                     start = time.perf_counter()
-                    call_model(model, inputs[name])
+                    feed(model, inputs[name])
                     times[name].append(time.perf_counter() - start)
             results[batch_size] = {name: statistics.median(values) for name, values in times.items()}
     return results

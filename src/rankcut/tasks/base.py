@@ -40,15 +40,20 @@ def on_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
     return map_tensors(inputs, lambda tensor: tensor.to(device))
 
 
-def call_model(model: nn.Module, inputs: ModelInputs) -> Any:
+def feed(model: nn.Module, inputs: ModelInputs) -> Any:
     """Call ``model`` with inputs given as a tensor, a tuple of arguments or a mapping of keyword arguments,
-    moved to the model's device (a task's example inputs live on the CPU; the model may not)."""
-    inputs = on_device(inputs, model_device(model))
+    where they are (timed loops move them once, beforehand)."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, tuple):
         return model(*inputs)
     return model(inputs)
+
+
+def call_model(model: nn.Module, inputs: ModelInputs) -> Any:
+    """``feed`` the inputs moved to the model's device (a task's example inputs live on the CPU; the model may
+    not)."""
+    return feed(model, on_device(inputs, model_device(model)))
 
 
 def describe_inputs(inputs: ModelInputs) -> str:

@@ -94,8 +94,7 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 def encode(model: nn.Module, inputs: Encoded) -> torch.Tensor:
     """Sentence embeddings of one tokenized batch, keeping the graph (for ``loss``); the batch goes to the
     device of the model's parameters, as the Fashion-MNIST task's do."""
-    device = model_device(model)
-    inputs = on_device(inputs, device)
+    inputs = on_device(inputs, model_device(model))
     output = model(**inputs)
     if isinstance(output, torch.Tensor):
         hidden = output
