@@ -39,7 +39,7 @@ def test_compress_saves_and_reports(tmp_path):
     assert {"name", "kind", "decomposition", "rank", "max_rank", "params_before", "params_after"} <= set(layer)
     evaluated = run("eval", str(out))  # the task recorded in the plan is reused
     assert evaluated.exit_code == 0 and "toy (test): accuracy=" in evaluated.output
-    bench = run("bench", str(out), "--repeats", "2", "--batch", "1")
+    bench = run("bench", str(out), "--repeats", "2", "--batch", "1", "--device", "cpu")
     assert bench.exit_code == 0 and "speed-up" in bench.output
 
 
@@ -92,6 +92,11 @@ def test_module_specs_import_from_the_working_directory(tmp_path, monkeypatch):
      "task 'toy_models:cnn_factory' must be a task (rankcut.tasks.base.Task); a ToyCNN has no name, metric_name"),
     (["compress", "toy_models:cnn_factory", "--input-shape", "2,5,16,16"],
      "the model does not run on its example inputs (2x5x16x16): RuntimeError"),
+    (["compress", *TOY, "--device", "gpu"], "--device: device 'gpu' is not a device name; "),
+    (["eval", "toy_models:cnn_factory", "--task", "toy_models:toy_task", "--device", "meta"],
+     "--device: device 'meta' holds shapes, not values"),
+    (["train", "fashion-mnist", "--model", "resnet20", "--epochs", "1", "--device", "gpu", "--out", "never-made"],
+     "device 'gpu' is not a device name"),
 ])
 def test_clear_errors(args, message):
     result = run(*args)

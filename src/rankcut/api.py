@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from rankcut import hf
 from rankcut.bases import BasisStore
 from rankcut.counting import count_macs, count_params
+from rankcut.devices import exact_float32
 from rankcut.distributed import Group
 from rankcut.input_statistics import input_grams
 from rankcut.inventory import Candidate, DecompositionSpec, IgnoreSpec, Inventory, scan
@@ -59,6 +60,7 @@ def _as_lists(components: Components) -> list[int] | list[list[int]]:
     return [list(mode) if isinstance(mode, tuple) else mode for mode in components]
 
 
+@exact_float32()  # plans, factors and their checks in float32 as written: no TF32 or bfloat16 products
 def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example_inputs: ModelInputs | None = None,
               decomposition: DecompositionSpec = "svd", ignore: IgnoreSpec = (), round_to: int = 1,
               inventory: Inventory | None = None, task: Task | None = None,
@@ -199,6 +201,7 @@ def _bias(module: nn.Module):
     return None if bias is None else bias.detach().double()
 
 
+@exact_float32()
 def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool = False,
           inventory: Inventory | None = None, task: Task | None = None,
           whitening_samples: int = CALIBRATION_SAMPLES) -> nn.Module:
@@ -229,6 +232,7 @@ def build_skeleton(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
+@exact_float32()
 def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Task | None = None,
              data: Task | None = None,
              example_inputs: ModelInputs | None = None, decomposition: DecompositionSpec = "svd",

@@ -15,6 +15,7 @@ from rankcut.api import compress as compress_model
 from rankcut.api import gather_inputs
 from rankcut.checkpoint import CheckpointError, prepare_output_dir, save, write_text_atomic
 from rankcut.counting import count_macs, count_params
+from rankcut.devices import usable_device
 from rankcut.distributed import Group, init_from_environment
 from rankcut.inventory import scan
 from rankcut.joint import LossAware
@@ -58,9 +59,15 @@ def _example_inputs(source: ModelSource, task: Task | None, input_shape: str | N
     return hf.example_inputs(source.model) if hf.is_hf_model(source.model) else None
 
 
-def _load(model: str, weights: str | None, task: str | None) -> tuple[ModelSource, Task | None]:
+def _load(model: str, weights: str | None, task: str | None, device: str) -> tuple[ModelSource, Task | None]:
+    """The model (moved to ``device``) and its task, or a clear error."""
+    try:
+        where = usable_device(device)
+    except ValueError as error:
+        _fail(f"--device: {error}")
     try:
         source = resolve_model(model, weights)
+        source.model.to(where)  # the built-in tasks' batches follow the model
         return source, resolve_task(task) if task else source.task
     except (ValueError, NotATask, CheckpointError) as error:
         _fail(str(error))
@@ -84,11 +91,14 @@ _weights_option = click.option("--weights", type=click.Path(exists=True, dir_oka
                                help="Safetensors weights for a module:factory model.")
 _task_option = click.option("--task", help="Built-in task name or module:function (default: the model's own).")
 _shape_option = click.option("--input-shape", help="Random example input shape, e.g. 1,3,32,32 (when no task).")
+_device_option = click.option("--device", default="cpu", show_default=True,
+                              help="Where to compute: cpu, cuda, cuda:1, mps… The model and the built-in tasks' "
+                                   "batches go there; a --task module:function's loss moves its own batches.")
 
 
 def _model_options(command):
-    """MODEL, --weights, --task and --input-shape: how every command finds its model and inputs."""
-    for option in (_shape_option, _task_option, _weights_option, _model_argument):
+    """MODEL, --weights, --task, --input-shape and --device: how every command finds its model and inputs."""
+    for option in (_device_option, _shape_option, _task_option, _weights_option, _model_argument):
         command = option(command)
     return command
 
@@ -99,9 +109,9 @@ def _model_options(command):
 @click.option("--spectrum", is_flag=True, help="Also print per-layer spectra (EVBMF, energy ranks) and plot them.")
 @click.option("--plot", default="spectrum.png", show_default=True, type=click.Path(dir_okay=False),
               help="Where --spectrum writes its PNG.")
-def inspect(model: str, weights: str | None, task: str | None, input_shape: str | None, decomposition: str,
-            spectrum: bool, plot: str) -> None:
-    source, task_obj = _load(model, weights, task)
+def inspect(model: str, weights: str | None, task: str | None, input_shape: str | None, device: str,
+            decomposition: str, spectrum: bool, plot: str) -> None:
+    source, task_obj = _load(model, weights, task, device)
     inputs = _example_inputs(source, task_obj, input_shape)
     try:
         inventory = scan(source.model, inputs, decomposition)
@@ -176,7 +186,7 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--force", is_flag=True, help="Allow a non-empty --out directory.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, select: str,
+def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, device: str, select: str,
              target: str | None, calibration_samples: int, batch_size: int, probe_samples: int | None,
              confidence: float, reexpansions: int, tolerance: float, recalibrate: bool | None, decomposition: str,
              ignore: tuple[str, ...], round_to: int, latency_guard: bool, split: str, cache_dir: str | None,
@@ -184,7 +194,7 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
              progress: bool) -> None:
     main_process = Group.current().is_main  # under torchrun, the others only share the work
     progress = progress and main_process
-    source, task_obj = _load(model, weights, task)
+    source, task_obj = _load(model, weights, task, device)
     try:
         selector = _selector(select, target, calibration_samples, batch_size, probe_samples, confidence,
                              reexpansions, tolerance, recalibrate, progress)
@@ -268,9 +278,10 @@ def _given(option: str) -> bool:
 @_model_argument
 @_weights_option
 @_task_option
+@_device_option
 @click.option("--split", default="test", show_default=True)
-def evaluate(model: str, weights: str | None, task: str | None, split: str) -> None:
-    source, task_obj = _load(model, weights, task)
+def evaluate(model: str, weights: str | None, task: str | None, device: str, split: str) -> None:
+    source, task_obj = _load(model, weights, task, device)
     if task_obj is None:
         _fail("this model has no default task: pass --task")
     try:
@@ -282,20 +293,21 @@ def evaluate(model: str, weights: str | None, task: str | None, split: str) -> N
     click.echo(f"params: {count_params(source.model):,}")
 
 
-@main.command(help="CPU latency before/after: a saved directory against its source, or MODEL against --select.")
+@main.command(help="Latency before/after on --device: a saved directory against its source, or MODEL against "
+                   "--select.")
 @_model_options
 @click.option("--select", default="fixed:0.5", show_default=True, help="Selector when MODEL is not a saved directory.")
 @click.option("--batch", "batches", multiple=True, type=int, default=(1, 32), show_default=True)
 @click.option("--repeats", default=20, show_default=True, type=int)
-def bench(model: str, weights: str | None, task: str | None, input_shape: str | None, select: str,
+def bench(model: str, weights: str | None, task: str | None, input_shape: str | None, device: str, select: str,
           batches: tuple[int, ...], repeats: int) -> None:
-    source, task_obj = _load(model, weights, task)
+    source, task_obj = _load(model, weights, task, device)
     inputs = _example_inputs(source, task_obj, input_shape)
     if inputs is None:
         _fail("no example inputs: pass --task or --input-shape")
     try:
         if source.checkpoint is not None:
-            original, compressed = build_source_model(source.spec), source.model
+            original, compressed = build_source_model(source.spec).to(device), source.model
         else:
             original = source.model
             compressed, _ = compress_model(original, select, example_inputs=inputs, progress=False)
@@ -330,7 +342,7 @@ def bench(model: str, weights: str | None, task: str | None, input_shape: str | 
 @click.option("--weight-decay", default=5e-4, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--train-subset", type=int, help="Train on the first N training images only (smoke runs).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")
+@click.option("--device", default="cpu", show_default=True, help="Where to train: cpu, cuda, cuda:1, mps…")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run directory: checkpoints of every step and state.json.")
 def train(task: str, model_name: str, out: str, device: str, **settings) -> None:

@@ -1,4 +1,5 @@
-"""CPU latency: whole models (original and compressed, interleaved) and single layers (the latency guard)."""
+"""Latency: whole models (original and compressed, interleaved) and single layers (the latency guard), on their device
+(a GPU is waited for before each clock reading)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankcut.devices import synchronize
 from rankcut.layers import Decomposition, LayerInfo, Rank
 from rankcut.layers.decompositions import dense_module
 from rankcut.tasks.base import ModelInputs, feed, map_tensors, model_device, on_device
@@ -37,15 +39,18 @@ def compare_latency(models: Mapping[str, nn.Module], example_inputs: ModelInputs
     with torch.inference_mode():
         for batch_size in batch_sizes:
             resized = resize_batch(example_inputs, batch_size)
-            inputs = {name: on_device(resized, model_device(model)) for name, model in models.items()}  # moved once
+            devices = {name: model_device(model) for name, model in models.items()}
+            inputs = {name: on_device(resized, devices[name]) for name in models}  # moved once
             for name, model in models.items():
                 for _ in range(warmup):
                     feed(model, inputs[name])
             times: dict[str, list[float]] = {name: [] for name in models}
             for _ in range(repeats):
                 for name, model in models.items():
+                    synchronize(devices[name])
                     start = time.perf_counter()
                     feed(model, inputs[name])
+                    synchronize(devices[name])
                     times[name].append(time.perf_counter() - start)
             results[batch_size] = {name: statistics.median(values) for name, values in times.items()}
     return results
@@ -56,8 +61,10 @@ def median_seconds(module: nn.Module, inputs: torch.Tensor, repeats: int = 15, w
     times = []
     with torch.inference_mode():
         for index in range(warmup + repeats):
+            synchronize(inputs.device)
             start = time.perf_counter()
             module(inputs)
+            synchronize(inputs.device)
             if index >= warmup:
                 times.append(time.perf_counter() - start)
     return statistics.median(times)

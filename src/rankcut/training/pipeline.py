@@ -22,6 +22,7 @@ from torch import nn
 from rankcut.api import compress as compress_model
 from rankcut.checkpoint import atomic_write, load, save, write_text_atomic
 from rankcut.counting import count_params
+from rankcut.devices import usable_device
 from rankcut.models import CNN_MODELS
 from rankcut.plan import format_table
 from rankcut.tasks.fashion_mnist import DEFAULT_DATA_DIR, FashionMNISTTask
@@ -107,7 +108,7 @@ class TrainingRun:
                  data_dir: str | Path = DEFAULT_DATA_DIR, log: Any = print) -> None:
         self.config = config
         self.out = Path(out)
-        self.device = torch.device(device)
+        self.device = usable_device(device)
         self.task = FashionMNISTTask(config.model, data_dir=data_dir)
         self.log = log
         self.out.mkdir(parents=True, exist_ok=True)
