@@ -46,11 +46,11 @@ def exact_float32() -> Iterator[None]:
     """float32 matrix products and convolutions in full precision within the block, whatever the global
     setting; restored afterwards.
 
-    Recent GPUs default to TF32 for convolutions (10-bit mantissa, about 1e-3 relative), and
-    ``torch.set_float32_matmul_precision`` below "highest" lowers matrix products on GPUs and on CPUs with
-    bfloat16 units. The loss statistics
-    and the checks of ``lossless``/``compact`` compare loss changes of 1e-5 relative, and a weight rebuilt
-    from all its components must compute what the dense weight does: they need float32 as it is written.
+    Recent GPUs default to TF32 for convolutions (10-bit mantissa: inputs rounded to about 5e-4 relative),
+    and ``torch.set_float32_matmul_precision`` below "highest" lowers matrix products on GPUs and on CPUs with
+    bfloat16 units. The loss statistics and the checks of ``lossless``/``compact`` compare loss changes of
+    1e-5 relative, and a weight rebuilt from all its components must compute what the dense weight does:
+    they need float32 as it is written.
     """
     before = [setting.fp32_precision for setting in _FLOAT32_SETTINGS]
     try:
