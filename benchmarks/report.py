@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+from calibration import table as calibration_table
 from common import closest_rivals
 from cost import table as cost_table
 from paired import table as paired_table
@@ -151,6 +152,9 @@ def main() -> None:
             continue
         if "peak_mib" in results.get("rows", [{}])[0]:
             sections.append(scale_table(results))
+            continue
+        if "calibration_samples" in results.get("rows", [{}])[0]:
+            sections.append(calibration_table(results))
             continue
         image = plot(results, args.out.parent, path.stem)
         sections.append(table(results, path.stem) + f"\n\n![{path.stem}]({image.name})")
