@@ -605,8 +605,20 @@ def test_loss_aware_selectors_need_a_task_and_a_size():
         rankcut.make_plan(model, "compact")
     with pytest.raises(ValueError, match="lossless needs a size"):
         rankcut.make_plan(model, "lossless", task=ToyTask())
-    with pytest.raises(ValueError, match="original model's loss on the probe batches is nan"):
+    empty = "calibration batches [1, 2, 3, 4, 5, 6, 7] of 8 hold no samples (asked for 512): ask for fewer"
+    with pytest.raises(ValueError, match=re.escape(empty)):
         rankcut.make_plan(model, "compact", task=ToyTask())  # 512 calibration samples: empty batches past 64
+    with pytest.raises(ValueError, match="calibration loss is nan; the model or the data is broken"):
+        rankcut.make_plan(model, LossAware("compact", calibration_samples=64, batch_size=16, progress=False),
+                          task=NanCalibrationTask())
+
+
+class NanCalibrationTask(ToyTask):
+    """ToyTask whose calibration images are NaN (its validation is sound)."""
+
+    def calibration_batches(self, num_samples: int, batch_size: int):
+        for images, labels in super().calibration_batches(num_samples, batch_size):
+            yield torch.full_like(images, float("nan")), labels
 
 
 def test_component_subset_plan_applies_saves_and_loads(tmp_path):

@@ -72,30 +72,40 @@ def truncation_key(kept: Mapping[str, Components | Fit]) -> tuple[Any, ...] | No
     return tuple(sorted(kept.items()))
 
 
-class LossProbe:
-    """Mean loss over a fixed list of calibration batches, and its change when layers are truncated."""
+def mean_loss(local: Sequence[float], group: Group) -> float:
+    """The mean of per-batch losses, each process holding those of its share of the batches."""
+    values = group.gather_rows(torch.tensor(list(local), dtype=torch.float64)).tolist()
+    return sum(values) / len(values)
 
-    def __init__(self, model: nn.Module, batches: Sequence[Any], loss: LossFn, group: Group | None = None) -> None:
+
+class LossProbe:
+    """Mean loss over a fixed list of calibration batches, and its change when layers are truncated.
+
+    ``baseline``: the model's mean loss on these batches when it is already known (a statistics pass over the
+    same batches computes it: the same forward passes, with gradients); measured otherwise.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[Any], loss: LossFn, group: Group | None = None,
+                 baseline: float | None = None) -> None:
         self.model, self.batches, self.loss = model, list(batches), loss
         self.group = group or Group.current()
         self.measurements = 0
         self._changes: dict[tuple[Any, ...], float] = {}  # finite changes measured without ``within``
-        self.baseline = self.measure()
+        self.baseline = self.measure(original=True) if baseline is None else baseline
 
-    def measure(self, strict: bool = True) -> float:
+    def measure(self, strict: bool = True, original: bool = False) -> float:
         """The current model's mean loss on the probe batches (forward passes only; split across processes).
 
         A non-finite loss raises, naming the cause; with ``strict=False`` it is returned (a search then
-        counts it as a failed step), except for the original model's.
+        counts it as a failed step), except for the ``original`` model's.
         """
         self.model.eval()
         with torch.no_grad():
             local = [float(batch_loss(self.loss, self.model, batch)) for batch in self.group.share(self.batches)]
-        values = self.group.gather_rows(torch.tensor(local, dtype=torch.float64)).tolist()
+        value = mean_loss(local, self.group)
         self.measurements += 1
-        value = sum(values) / len(values)
         if value != value or value in (float("inf"), float("-inf")):
-            if self.measurements == 1:
+            if original:
                 raise ValueError(f"the original model's loss on the probe batches is {value}: check the model and "
                                  "the calibration data (an empty batch gives nan)")
             if strict:

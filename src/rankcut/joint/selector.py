@@ -41,7 +41,7 @@ from rankcut.distributed import Group
 from rankcut.inventory import Candidate
 from rankcut.joint import memo
 from rankcut.joint.curves import ORDERS, LayerCurve
-from rankcut.joint.probing import LossProbe, spread_batches, substituted, truncation_key
+from rankcut.joint.probing import LossProbe, mean_loss, spread_batches, substituted, truncation_key
 from rankcut.joint.statistics import ComponentStats, gather_statistics
 from rankcut.layers import Fit, Rank
 from rankcut.linalg import Spectrum
@@ -197,8 +197,12 @@ class LossAware(Selector):
         if not batches:
             raise ValueError(f"{self.spec}: the task gave no calibration batches; the loss statistics are taken on "
                              "them (give LoaderTask a non-empty calibration loader)")
+        empty = [index for index, batch in enumerate(batches) if batch_samples(batch) == 0]
+        if empty:
+            raise ValueError(f"{self.spec}: calibration batches {empty} of {len(batches)} hold no samples (asked for "
+                             f"{self.calibration_samples}): ask for fewer calibration samples (calibration_samples=, "
+                             "--calibration-samples), or check the task's calibration_batches")
         probe_batches = spread_batches(batches, self.probe_samples)
-        probe = LossProbe(self.model, probe_batches, self.task.loss, group)
         self._recalibration = self._search_recalibration = None
         if self.recalibrate and batch_norms(self.model):
             self._recalibration = BatchNormRecalibration(self.model, batches, self.task.loss)
@@ -211,11 +215,14 @@ class LossAware(Selector):
         key = (memo.statistics_key(self.model, [c.name for c in candidates], batches,
                                    f"{self.probe_samples}/{self.order}/{self.recalibrate}/{sorted(paths.items())}")
                if disk is not None else "")
-        cached = memo.load(disk, key, probe.baseline, paths) if disk is not None else None
+        # a cache entry is checked against the calibration loss: the probe measures it first
+        probe = LossProbe(self.model, probe_batches, self.task.loss, group) if disk is not None else None
+        cached = memo.load(disk, key, probe.baseline, paths) if probe is not None else None
         if not group.all_agree(cached is not None):
             cached = None
-            stats = self._statistics(candidates, batches, group, paths)
+            stats, calibration_loss = self._statistics(candidates, batches, group, paths)
             measured: dict[str, dict[int, float]] = {}
+            probe = probe or self._probe(probe_batches, batches, calibration_loss)
         else:
             stats, measured = cached
         inert = {c.name: c for c in candidates if c.name not in stats}
@@ -285,13 +292,15 @@ class LossAware(Selector):
         return tuple(dict.fromkeys([full, *reversed(policy.candidate_ranks(candidate))]))
 
     def _statistics(self, candidates: Sequence[Candidate], batches: Sequence[Any], group: Group,
-                    paths: Mapping[str, tuple[Rank, ...]]) -> dict[str, ComponentStats]:
-        """Every layer's statistics; with several processes each takes a share of the batches, rows are gathered."""
-        mine = group.share(batches)
+                    paths: Mapping[str, tuple[Rank, ...]]) -> tuple[dict[str, ComponentStats], float]:
+        """Every layer's statistics, and the mean loss of the batches; with several processes each takes a share
+        of the batches, rows are gathered."""
+        mine, losses = group.share(batches), []
         local = gather_statistics(self.model, candidates, mine, self.task.loss,
-                                  lambda items: self._bar(items, "loss statistics", len(mine)), paths)
+                                  lambda items: self._bar(items, "loss statistics", len(mine)), paths, losses)
+        loss = mean_loss(losses, group)
         if group.world == 1:
-            return local
+            return local, loss
         stats = {}
         for candidate in candidates:
             own, path = local.get(candidate.name), paths.get(candidate.name)
@@ -300,7 +309,13 @@ class LossAware(Selector):
             gathered = group.gather_rows(rows)
             if gathered.shape[0]:
                 stats[candidate.name] = ComponentStats(candidate.name, gathered, path)
-        return stats
+        return stats, loss
+
+    def _probe(self, probe_batches: Sequence[Any], batches: Sequence[Any], calibration_loss: float) -> LossProbe:
+        """A probe of the model as it is. When it probes every calibration batch (the default), its baseline is the
+        statistics pass's loss on them, which saves one forward pass over them."""
+        every = len(probe_batches) == len(batches)  # spread_batches gives all of them, in order, or fewer
+        return LossProbe(self.model, probe_batches, self.task.loss, baseline=calibration_loss if every else None)
 
     def _size_inert_layers(self, candidates: Sequence[Candidate], inert: Mapping[str, Candidate],
                            policy: RankPolicy) -> None:
@@ -444,10 +459,10 @@ class LossAware(Selector):
                 break
             kept = {name: curves[name].kept(origin) for name, origin in origins.items() if origin}
             with substituted(candidates, kept), self._recalibrated(self._recalibration, kept):
-                stats = self._statistics(list(candidates.values()), batches, Group.current(), paths)
+                stats, calibration_loss = self._statistics(list(candidates.values()), batches, Group.current(), paths)
                 if set(stats) != set(candidates):
                     break
-                local = LossProbe(self.model, probe.batches, self.task.loss)
+                local = self._probe(probe.batches, batches, calibration_loss)
                 around = {name: curves[name].around(stats[name], origins[name]) for name in candidates}
                 plan = self._allocate(around, policy, local, tolerance)
             change = self._plan_change(candidates, plan, probe, self._recalibration)

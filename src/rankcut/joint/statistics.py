@@ -185,10 +185,12 @@ class _TuckerProjector(_PerSampleRows):
 
 def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches: Iterable[Any], loss: LossFn,
                       progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
-                      paths: Mapping[str, Sequence[Rank]] | None = None) -> dict[str, ComponentStats]:
+                      paths: Mapping[str, Sequence[Rank]] | None = None,
+                      losses: list[float] | None = None) -> dict[str, ComponentStats]:
     """``ComponentStats`` of every candidate, from one forward and backward pass per batch.
 
     ``paths`` gives each tucker2 layer its rank pairs, from the full pair down (svd layers need none).
+    ``losses``, when given, receives each batch's loss (a probe of the same batches need not measure it again).
     Layers the loss does not depend on (never called, or not on the path to the loss) are left out.
     The model's parameters and their ``.grad`` are left untouched: gradients are taken with respect to the
     layers' outputs only. Batches must put samples on the first dimension of every layer's input.
@@ -216,7 +218,9 @@ def gather_statistics(model: nn.Module, candidates: Sequence[Candidate], batches
             with torch.enable_grad():
                 value = batch_loss(loss, model, batch)
                 if not torch.isfinite(value):
-                    raise ValueError(f"calibration loss is {float(value)}; the model or the data is broken")
+                    raise ValueError(f"calibration loss is {float(value.detach())}; the model or the data is broken")
+                if losses is not None:
+                    losses.append(float(value.detach()))
                 outputs = [output for _, _, output in pending]
                 grads = torch.autograd.grad(value, outputs, allow_unused=True)
             with torch.no_grad(), _without_autocast(value.device):
