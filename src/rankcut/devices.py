@@ -44,7 +44,7 @@ _FLOAT32_SETTINGS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torc
 @contextmanager
 def exact_float32() -> Iterator[None]:
     """float32 matrix products and convolutions in full precision within the block, whatever the global
-    setting; restored afterwards.
+    setting; restored afterwards (these settings are process-wide: other threads see them too).
 
     Recent GPUs default to TF32 for convolutions (10-bit mantissa: inputs rounded to about 5e-4 relative),
     and ``torch.set_float32_matmul_precision`` below "highest" lowers matrix products on GPUs and on CPUs with
