@@ -13,9 +13,6 @@ from rankcut.devices import exact_float32, usable_device
 from rankcut.joint import LossAware
 from test_joint import TailTask
 
-PRECISION_SETTINGS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.mkldnn.matmul,
-                      torch.backends.mkldnn.conv)
-
 
 @pytest.fixture
 def medium_matmuls() -> Iterator[None]:
@@ -38,27 +35,52 @@ def test_usable_device_names_what_would_work():
         assert "'cpu'" in str(error.value)
 
 
+def _product_error() -> float:
+    """The largest error of a 512×512 float32 product against float64 (about 6e-5 in full float32)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(512, 512, generator=generator) for _ in range(2))
+    return float(((a @ b).double() - a.double() @ b.double()).abs().max())
+
+
 def test_exact_float32_restores_the_callers_settings(medium_matmuls):
-    before = [setting.fp32_precision for setting in PRECISION_SETTINGS]
-    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
     with exact_float32():
-        assert all(setting.fp32_precision == "ieee" for setting in PRECISION_SETTINGS)
-    assert [setting.fp32_precision for setting in PRECISION_SETTINGS] == before
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+        assert _product_error() < 1e-3
+        with torch.backends.cudnn.flags(enabled=False):  # as Hugging Face's CTC loss does: it reads allow_tf32
+            pass
+    assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32
     with pytest.raises(RuntimeError, match="inside"), exact_float32():
         raise RuntimeError("inside")
-    assert [setting.fp32_precision for setting in PRECISION_SETTINGS] == before
+    assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32
+
+
+def test_exact_float32_keeps_to_the_per_backend_settings_a_caller_used():
+    """A caller who set the backends one by one (``fp32_precision``) gets them back the same way."""
+    settings = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [setting.fp32_precision for setting in settings]
+    try:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = "tf32", "bf16"
+        with exact_float32():
+            assert [setting.fp32_precision for setting in settings] == ["ieee", "ieee"]
+            assert _product_error() < 1e-3
+        assert [setting.fp32_precision for setting in settings] == ["tf32", "bf16"]
+    finally:
+        for setting, value in zip(settings, before, strict=True):
+            setting.fp32_precision = value
+        torch.set_float32_matmul_precision("highest")  # one API again for the tests that follow
 
 
 class RecordingTask(TailTask):
-    """TailTask whose loss records the float32 precision it was computed in."""
+    """TailTask whose loss records the float32 precision it was computed in, and enters cudnn.flags."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.precisions: set[tuple[str, ...]] = set()
+        self.precisions: set[tuple[str, bool]] = set()
 
     def loss(self, model, batch):
-        self.precisions.add(tuple(setting.fp32_precision for setting in PRECISION_SETTINGS))
-        return super().loss(model, batch)
+        self.precisions.add((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+        with torch.backends.cudnn.flags(enabled=False):
+            return super().loss(model, batch)
 
 
 def _plan(task: TailTask) -> list[tuple]:
@@ -73,7 +95,7 @@ def test_plans_do_not_change_with_the_callers_matmul_precision(medium_matmuls):
     as written, and the plan is the one made under the default precision."""
     task = RecordingTask()
     plan = _plan(task)
-    assert task.precisions == {("ieee",) * len(PRECISION_SETTINGS)}
+    assert task.precisions == {("highest", False)}
     assert torch.get_float32_matmul_precision() == "medium"
     torch.set_float32_matmul_precision("highest")
     assert plan == _plan(TailTask())

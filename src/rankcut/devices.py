@@ -35,16 +35,10 @@ def _available() -> str:
     return f"use 'cpu' or {', '.join(repr(f'{accelerator.type}:{index}') for index in range(count))}"
 
 
-# the float32 settings of matrix products and convolutions that may trade precision for speed: TF32 on GPUs,
-# bfloat16 on CPUs that have it (``torch.set_float32_matmul_precision("medium")``)
-_FLOAT32_SETTINGS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.mkldnn.matmul,
-                     torch.backends.mkldnn.conv)
-
-
 @contextmanager
 def exact_float32() -> Iterator[None]:
-    """float32 matrix products and convolutions in full precision within the block, whatever the global
-    setting; restored afterwards (these settings are process-wide: other threads see them too).
+    """float32 matrix products and convolutions in full precision within the block, whatever the caller's
+    settings; restored afterwards (these settings are process-wide: other threads see them too).
 
     Recent GPUs default to TF32 for convolutions (10-bit mantissa: inputs rounded to about 5e-4 relative),
     and ``torch.set_float32_matmul_precision`` below "highest" lowers matrix products on GPUs and on CPUs with
@@ -52,14 +46,55 @@ def exact_float32() -> Iterator[None]:
     1e-5 relative, and a weight rebuilt from all its components must compute what the dense weight does:
     they need float32 as it is written.
     """
-    before = [setting.fp32_precision for setting in _FLOAT32_SETTINGS]
+    with _highest_matmul_precision(), _cudnn_without_tf32():
+        yield
+
+
+@contextmanager
+def _highest_matmul_precision() -> Iterator[None]:
+    """Matrix products in full float32 precision, set through the API the caller used: torch refuses to read
+    one after the other has set the backends apart."""
     try:
-        for setting in _FLOAT32_SETTINGS:
-            setting.fp32_precision = "ieee"
+        before = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the caller set the backends one by one (``fp32_precision``): do the same
+        with _fp32_precision("ieee", torch.backends.cuda.matmul, torch.backends.mkldnn.matmul):
+            yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
         yield
     finally:
-        for setting, value in zip(_FLOAT32_SETTINGS, before, strict=True):
+        torch.set_float32_matmul_precision(before)
+
+
+@contextmanager
+def _cudnn_without_tf32() -> Iterator[None]:
+    """cuDNN without TF32, through ``allow_tf32``, which code such as ``torch.backends.cudnn.flags`` (used by
+    Hugging Face's CTC loss) reads and which torch refuses to read once ``fp32_precision`` has set convolutions
+    and recurrent layers apart."""
+    try:
+        before = torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # the caller set them apart already: keep to their API
+        with _fp32_precision("ieee", torch.backends.cudnn.conv, torch.backends.cudnn.rnn):
+            yield
+        return
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
+@contextmanager
+def _fp32_precision(value: str, *settings: object) -> Iterator[None]:
+    before = [setting.fp32_precision for setting in settings]
+    try:
+        for setting in settings:
             setting.fp32_precision = value
+        yield
+    finally:
+        for setting, old in zip(settings, before, strict=True):
+            setting.fp32_precision = old
 
 
 def synchronize(device: torch.device) -> None:
