@@ -124,17 +124,30 @@ def test_unconverged_randomized_svd_falls_back_to_the_exact_one():
     assert all(layer.rank is not None for layer in report.plan.layers)
 
 
-def test_loss_statistics_are_reused_by_a_second_budget(tmp_path):
+def test_a_cache_hit_gives_the_plan_of_a_run_without_the_cache(tmp_path):
+    """The cache holds statistics and measurements, not a head start: a run that hits it takes the path of a
+    run without it, compact and lossless alike and in any order, with fewer probe passes."""
     selector = {"calibration_samples": 64, "batch_size": 16, "progress": False}
     task = ToyTask()
-    _, first = rankcut.compress(cnn_factory(), LossAware("lossless", 0.5, **selector), task=task, cache_dir=tmp_path,
-                                progress=False)
-    _, second = rankcut.compress(cnn_factory(), LossAware("lossless", 0.5, **selector), task=task,
-                                 cache_dir=tmp_path, progress=False)
-    assert first.plan.meta["selection"]["statistics_cache"] == "miss"
-    assert second.plan.meta["selection"]["statistics_cache"] == "hit"
-    assert [(x.rank, x.reason) for x in second.plan.layers] == [(x.rank, x.reason) for x in first.plan.layers]
-    assert second.plan.meta["selection"]["probe_measurements"] < first.plan.meta["selection"]["probe_measurements"]
+
+    def plan(mode: str, cache_dir):
+        chosen = LossAware(mode, 0.5 if mode == "lossless" else None, **selector)
+        return rankcut.compress(cnn_factory(), chosen, task=task, cache_dir=cache_dir, progress=False)[1].plan
+
+    def layers(made) -> list:
+        return [(layer.rank, layer.components, layer.reason) for layer in made.layers]
+
+    fresh = {mode: plan(mode, None) for mode in ("compact", "lossless")}
+    cached_before = set()
+    for mode, expected in (("compact", "miss"), ("compact", "hit"), ("lossless", "hit"), ("lossless", "hit"),
+                           ("compact", "hit")):
+        cached = plan(mode, tmp_path)
+        assert cached.meta["selection"]["statistics_cache"] == expected
+        assert layers(cached) == layers(fresh[mode])
+        if mode in cached_before:  # its measurements are in the cache
+            assert (cached.meta["selection"]["probe_measurements"]
+                    < fresh[mode].meta["selection"]["probe_measurements"])
+        cached_before.add(mode)
 
 
 def regression_task(loss) -> LoaderTask:

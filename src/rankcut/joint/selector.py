@@ -231,8 +231,10 @@ class LossAware(Selector):
         by_name = {c.name: c for c in candidates}
         tolerance = 1e-3 * abs(probe.baseline)
         curves = {c.name: LayerCurve.of(c, stats[c.name], self.order) for c in candidates}
-        for name, table in measured.items():
-            curves[name].probes.update(table)
+        for name, table in measured.items():  # an earlier run's measurements: used when the run asks for them
+            for removed, change in table.items():
+                if name in curves:
+                    probe.remember({name: curves[name].kept(removed)}, change)
         statistics_seconds = elapsed()
         if self.mode == "lossless":  # compact checks its sizes on validation; probes where it allocates suffice
             self._probe_initial(curves, probe)
@@ -250,7 +252,8 @@ class LossAware(Selector):
         kept = self._kept(chosen)
         measured_change = probe.change(by_name, kept) if kept else 0.0  # nothing truncated: exactly no change
         if disk is not None:  # every process: with a cache folder per node, each node keeps its own entry
-            memo.save(disk, key, stats, {name: curve.probes for name, curve in curves.items()}, probe.baseline)
+            memo.save(disk, key, stats, {name: {**measured.get(name, {}), **curve.probes}  # the earlier runs' too
+                                         for name, curve in curves.items()}, probe.baseline)
         done = elapsed()
         self.summary = {
             "mode": self.mode, "criterion": self.criterion, "order": self.order, "plan_source": source,
@@ -313,7 +316,7 @@ class LossAware(Selector):
 
     def _probe(self, probe_batches: Sequence[Any], batches: Sequence[Any], calibration_loss: float) -> LossProbe:
         """A probe of the model as it is. When it probes every calibration batch (the default), its baseline is the
-        statistics pass's loss on them, which saves one forward pass over them."""
+        statistics pass's loss on them (see ``LossProbe``), which saves one forward pass over them."""
         every = len(probe_batches) == len(batches)  # spread_batches gives all of them, in order, or fewer
         return LossProbe(self.model, probe_batches, self.task.loss, baseline=calibration_loss if every else None)
 
