@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
+T = TypeVar("T")
 
 def usable_device(spec: str | torch.device) -> torch.device:
     """``spec`` as a device this machine can compute on, or a ValueError that says which ones it has."""
@@ -54,9 +56,8 @@ def exact_float32() -> Iterator[None]:
 def _highest_matmul_precision() -> Iterator[None]:
     """Matrix products in full float32 precision, set through the API the caller used: torch refuses to read
     one after the other has set the backends apart."""
-    try:
-        before = torch.get_float32_matmul_precision()
-    except RuntimeError:  # the caller set the backends one by one (``fp32_precision``): do the same
+    before = _readable(torch.get_float32_matmul_precision)
+    if before is None:  # the caller set the backends one by one (``fp32_precision``): do the same
         with _fp32_precision("ieee", torch.backends.cuda.matmul, torch.backends.mkldnn.matmul):
             yield
         return
@@ -72,9 +73,8 @@ def _cudnn_without_tf32() -> Iterator[None]:
     """cuDNN without TF32, through ``allow_tf32``, which code such as ``torch.backends.cudnn.flags`` (used by
     Hugging Face's CTC loss) reads and which torch refuses to read once ``fp32_precision`` has set convolutions
     and recurrent layers apart."""
-    try:
-        before = torch.backends.cudnn.allow_tf32
-    except RuntimeError:  # the caller set them apart already: keep to their API
+    before = _readable(lambda: torch.backends.cudnn.allow_tf32)
+    if before is None:  # the caller set them apart already: keep to their API
         with _fp32_precision("ieee", torch.backends.cudnn.conv, torch.backends.cudnn.rnn):
             yield
         return
@@ -85,8 +85,17 @@ def _cudnn_without_tf32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = before
 
 
+def _readable(read: Callable[[], T]) -> T | None:
+    """A precision setting, or None where torch refuses to read it (its backends were set apart)."""
+    try:
+        return read()
+    except RuntimeError:
+        return None
+
+
 @contextmanager
 def _fp32_precision(value: str, *settings: object) -> Iterator[None]:
+    """Each of these per-backend settings at ``value`` within the block."""
     before = [setting.fp32_precision for setting in settings]
     try:
         for setting in settings:
