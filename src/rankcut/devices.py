@@ -57,6 +57,9 @@ def _highest_matmul_precision() -> Iterator[None]:
     """Matrix products in full float32 precision, set through the API the caller used: torch refuses to read
     one after the other has set the backends apart."""
     before = _readable(torch.get_float32_matmul_precision)
+    if before == "highest":  # already: nothing to set, so the caller's settings stay exactly as they are
+        yield
+        return
     if before is None:  # the caller set the backends one by one (``fp32_precision``): do the same
         with _fp32_precision("ieee", torch.backends.cuda.matmul, torch.backends.mkldnn.matmul):
             yield
@@ -74,6 +77,9 @@ def _cudnn_without_tf32() -> Iterator[None]:
     Hugging Face's CTC loss) reads and which torch refuses to read once ``fp32_precision`` has set convolutions
     and recurrent layers apart."""
     before = _readable(lambda: torch.backends.cudnn.allow_tf32)
+    if before is False:  # already
+        yield
+        return
     if before is None:  # the caller set them apart already: keep to their API
         with _fp32_precision("ieee", torch.backends.cudnn.conv, torch.backends.cudnn.rnn):
             yield
