@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import write_rows
+from common import markdown_table, write_rows
 
 import rankcut
 from rankcut.joint import LossAware
@@ -93,12 +93,7 @@ def measure(model_name: str, mode: str, fraction: float | None, decomposition: s
 
 def table(results: dict) -> str:
     """Rows grouped by model and selector; each layer's rank compared with the one chosen at the default size."""
-    lines = [f"### Calibration size (`lossless` and `compact`; {results['date']}, {results['machine']}; "
-             "results/calibration.json)", "",
-             "| model | selector | calibration samples | factorizable params kept | test (original) "
-             "| validation (original) | layers with the default's rank | plan kept | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    rows = results["rows"]
+    rows, cells = results["rows"], []
     for row in rows:
         default = next((other for other in rows if other["calibration_samples"] == CALIBRATION_SAMPLES
                         and not other["first_sample"]
@@ -107,11 +102,14 @@ def table(results: dict) -> str:
         same = (f"{sum(row['ranks'][name] == rank for name, rank in default['ranks'].items())} of "
                 f"{len(default['ranks'])}" if default is not None else "-")
         samples = f"{row['calibration_samples']}" + (f" (from {row['first_sample']})" if row["first_sample"] else "")
-        lines.append(f"| {row['model']} | {row['selector']} ({row['decomposition']}) | {samples} | "
-                     f"{row['factorizable_kept']:.1%} | {row['test']:.4f} ({row['original_test']:.4f}) | "
-                     f"{row['validation']:.4f} ({row['original_validation']:.4f}) | {same} | {row['plan_source']} | "
-                     f"{row['seconds']:.1f} |")
-    return "\n".join(lines)
+        cells.append([row["model"], f"{row['selector']} ({row['decomposition']})", samples,
+                      f"{row['factorizable_kept']:.1%}", f"{row['test']:.4f} ({row['original_test']:.4f})",
+                      f"{row['validation']:.4f} ({row['original_validation']:.4f})", same, row["plan_source"],
+                      f"{row['seconds']:.1f}"])
+    columns = ["model", "selector", "calibration samples", "factorizable params kept", "test (original)",
+               "validation (original)", "layers with the default's rank", "plan kept", "seconds"]
+    return "\n".join([f"### Calibration size (`lossless` and `compact`; {results['date']}, {results['machine']}; "
+                      "results/calibration.json)", "", *markdown_table(columns, cells)])
 
 
 def main() -> None:

@@ -16,6 +16,15 @@ def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: its header, the separator, then one line per row of cells."""
+    return [_markdown_row(columns), "|" + "---|" * len(columns), *map(_markdown_row, rows)]
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def write_rows(out: Path, rows: list[dict]) -> dict:
     """Write ``rows`` with today's date and the machine to ``out`` (JSON); return what was written."""
     results = {"date": date.today().isoformat(), "rows": rows, "machine": machine()}

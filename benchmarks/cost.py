@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import write_rows
+from common import markdown_table, write_rows
 
 import rankcut
 from rankcut.inventory import scan
@@ -81,20 +81,17 @@ def _span(bounds: list[float]) -> str:
 
 
 def table(results: dict) -> str:
-    lines = [f"### Cost of `compact` ({results['date']}, {results['machine']})", "",
-             "| model | SVD of every layer s | one validation eval s (range) | floor s | compact s (range) | × floor "
-             "| statistics pass s | probes + allocation s | search on probe batches s | validation s "
-             "| measuring the plan s | probes (samples each) | validation checks | factorizable params kept |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in results["rows"]:
-        lines.append(f"| {row['model']} | {row['svd_s']:.1f} | {row['eval_s']:.1f} ({_span(row['eval_range_s'])}) | "
-                     f"{row['floor_s']:.1f} | {row['compact_s']:.1f} ({_span(row['compact_range_s'])}) | "
-                     f"{row['ratio']:.1f} | {row['statistics_s']:.1f} | "
-                     f"{row['probes_s']:.1f} | {row['search_s']:.1f} | "
-                     f"{row['validation_s']:.1f} | {row['measuring_s']:.1f} | "
-                     f"{row['probe_measurements']} ({row['probe_samples']}) | "
-                     f"{row['validation_checks']} | {row['factorizable_kept']:.1%} |")
-    return "\n".join(lines)
+    columns = ["model", "SVD of every layer s", "one validation eval s (range)", "floor s", "compact s (range)",
+               "× floor", "statistics pass s", "probes + allocation s", "search on probe batches s", "validation s",
+               "measuring the plan s", "probes (samples each)", "validation checks", "factorizable params kept"]
+    cells = [[row["model"], f"{row['svd_s']:.1f}", f"{row['eval_s']:.1f} ({_span(row['eval_range_s'])})",
+              f"{row['floor_s']:.1f}", f"{row['compact_s']:.1f} ({_span(row['compact_range_s'])})",
+              f"{row['ratio']:.1f}", f"{row['statistics_s']:.1f}", f"{row['probes_s']:.1f}", f"{row['search_s']:.1f}",
+              f"{row['validation_s']:.1f}", f"{row['measuring_s']:.1f}",
+              f"{row['probe_measurements']} ({row['probe_samples']})", f"{row['validation_checks']}",
+              f"{row['factorizable_kept']:.1%}"] for row in results["rows"]]
+    return "\n".join([f"### Cost of `compact` ({results['date']}, {results['machine']})", "",
+                      *markdown_table(columns, cells)])
 
 
 def main() -> None:

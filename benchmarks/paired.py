@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 
 import torch
-from common import closest_rivals, write_rows
+from common import closest_rivals, markdown_table, write_rows
 from sweep import method_builders
 from torch import nn
 
@@ -81,16 +81,16 @@ def compare(path: Path) -> list[dict]:
 
 def table(results: dict) -> str:
     """The markdown table of a paired.json."""
-    lines = [f"### Paired test of the verdicts ({results['date']}, {results['machine']}; results/paired.json)", "",
-             "| table | budget | lossless row | rival row | test examples only lossless gets right | only the rival "
-             "| p (two-sided exact) | rebuilt as in the table |",
-             "|---|---|---|---|---|---|---|---|"]
+    cells = []
     for row in results["rows"]:
         same = all(abs(row["rebuilt"][name] - value) < 5e-5 for name, value in row["in_table"].items())
-        lines.append(f"| {row['table']} | {row['budget']:.0%} | {row['lossless']} | {row['rival']} | "
-                     f"{row['only_lossless_right']} | {row['only_rival_right']} | {p_text(row['p_value'])} | "
-                     f"{'yes' if same else 'no: ' + str(row['rebuilt'])} |")
-    return "\n".join(lines)
+        cells.append([row["table"], f"{row['budget']:.0%}", row["lossless"], row["rival"],
+                      f"{row['only_lossless_right']}", f"{row['only_rival_right']}", p_text(row["p_value"]),
+                      "yes" if same else "no: " + str(row["rebuilt"])])
+    columns = ["table", "budget", "lossless row", "rival row", "test examples only lossless gets right",
+               "only the rival", "p (two-sided exact)", "rebuilt as in the table"]
+    return "\n".join([f"### Paired test of the verdicts ({results['date']}, {results['machine']}; results/paired.json)",
+                      "", *markdown_table(columns, cells)])
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import matplotlib
 from calibration import table as calibration_table
-from common import closest_rivals
+from common import closest_rivals, markdown_table
 from cost import table as cost_table
 from paired import table as paired_table
 from scale import table as scale_table
@@ -30,10 +30,8 @@ def table(results: dict, name: str) -> str:
         f"Original: {base['params']:,} params ({base['factorizable_params']:,} in factorizable layers), "
         f"{base['macs']:,} MACs per example batch, test {metric} = {base['metrics'][metric]:.4f}.",
         "",
-        f"| budget | method | factorizable params kept | params kept | MACs kept | test {metric} | Δ vs original "
-        "| compress s | latency b1 ms (orig) | latency b32 ms (orig) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for row in sorted(results["rows"], key=lambda r: (-r["budget"], r["method"])):
         value = row["metrics"][metric]
         latency = row["latency_ms"]
@@ -43,8 +41,10 @@ def table(results: dict, name: str) -> str:
         for batch in ("1", "32"):
             times = latency.get(batch)
             cells.append(f"{times['compressed']:.2f} ({times['original']:.2f})" if times else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    columns = ["budget", "method", "factorizable params kept", "params kept", "MACs kept", f"test {metric}",
+               "Δ vs original", "compress s", "latency b1 ms (orig)", "latency b32 ms (orig)"]
+    return "\n".join([*lines, *markdown_table(columns, rows)])
 
 
 def is_paired(results: dict) -> bool:
@@ -54,19 +54,19 @@ def is_paired(results: dict) -> bool:
 
 def lossless_check(sweeps: list[tuple[str, dict]]) -> str:
     """Per model and budget: the best ``lossless*`` row against the best other row (``closest_rivals``)."""
-    lines = ["### Is lossless the best at every budget? (generated from the sweep tables)", "",
-             "| table | budget | best lossless row | best other row | lossless − other | verdict |",
-             "|---|---|---|---|---|---|"]
-    verdicts = []
+    rows, verdicts = [], []
     for name, results in sweeps:
         metric = results["metric"]
         for budget, best, rival in closest_rivals(results):
             gap = best["metrics"][metric] - rival["metrics"][metric]
             verdict = "better" if gap > 1e-9 else "tie" if gap > -1e-9 else "behind"
             verdicts.append(verdict)
-            lines.append(f"| {name} | {budget:.0%} | {best['method']} {best['metrics'][metric]:.4f} | "
-                         f"{rival['method']} {rival['metrics'][metric]:.4f} | {gap:+.4f} | {verdict} |")
+            rows.append([name, f"{budget:.0%}", f"{best['method']} {best['metrics'][metric]:.4f}",
+                         f"{rival['method']} {rival['metrics'][metric]:.4f}", f"{gap:+.4f}", verdict])
     counts = ", ".join(f"{verdicts.count(v)} {v}" for v in ("better", "tie", "behind"))
+    columns = ["table", "budget", "best lossless row", "best other row", "lossless − other", "verdict"]
+    lines = ["### Is lossless the best at every budget? (generated from the sweep tables)", "",
+             *markdown_table(columns, rows)]
     lines += ["", f"lossless (its best variant) against every other row at the same budget: {counts}, of "
               f"{len(verdicts)} cells. One test example is worth 0.0001 on Fashion-MNIST (10,000 images) and "
               "0.001 on WordNet (1,000 glosses): gaps of a few examples are not significant."]
@@ -85,14 +85,12 @@ def compressible_table(results: dict) -> str:
         f"Every arm: {results['epochs']} epochs, seed {results['seed']}, same data order. Fine-tune: {finetune}, "
         "SGD with cosine decay from 0.01.",
         "",
-        "| arm | trained test acc | compression | factorizable params kept | test acc | test acc fine-tuned |",
-        "|---|---|---|---|---|---|",
     ]
-    for arm in results["arms"]:
-        trained = arm["trained"]["test"]["accuracy"]
-        for label, row in arm["compressions"].items():
-            lines.append(f"| {arm['arm']} | {trained:.4f} | {label} | {row['factorizable_kept']:.1%} | "
-                         f"{row['test']['accuracy']:.4f} | {row['test_finetuned']['accuracy']:.4f} |")
+    rows = [[arm["arm"], f"{arm['trained']['test']['accuracy']:.4f}", label, f"{row['factorizable_kept']:.1%}",
+             f"{row['test']['accuracy']:.4f}", f"{row['test_finetuned']['accuracy']:.4f}"]
+            for arm in results["arms"] for label, row in arm["compressions"].items()]
+    lines += markdown_table(["arm", "trained test acc", "compression", "factorizable params kept", "test acc",
+                             "test acc fine-tuned"], rows)
     lines.append("")
     for arm in results["arms"]:
         config, history = arm["config"], arm["history"]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import write_rows
+from common import markdown_table, write_rows
 
 # Runs a command, then prints the largest resident set (KiB) of any process it started: a fresh
 # measurement per row, since ru_maxrss of children only grows within one process.
@@ -103,18 +103,18 @@ def model_rows(name: str, model: str, selects: list[list[str]], cache: Path, ran
 
 
 def table(results: dict) -> str:
-    lines = [f"### Scale: processes, peak memory, cache ({results['date']}, {results['machine']}; results/scale.json)",
-             "", "| model (weights) | command | processes | wall s | peak MiB (largest process) "
-             "| factorizable params kept | bases computed / from cache / randomized (fallbacks) |",
-             "|---|---|---|---|---|---|---|"]
+    cells = []
     for row in results["rows"]:
         kept = f"{row['factorizable_kept']:.1%}" if "factorizable_kept" in row else "–"
         bases = row.get("bases")
         counts = (f"{bases['computed']} / {bases['cache_hits']} / {bases['randomized']} "
                   f"({bases['randomized_fallbacks']})" if bases else "–")
-        lines.append(f"| {row['model']} ({row['weights_mib']} MiB) | {row['label'].split(': ', 1)[1]} | "
-                     f"{row['processes']} | {row['seconds']:.1f} | {row['peak_mib']} | {kept} | {counts} |")
-    return "\n".join(lines)
+        cells.append([f"{row['model']} ({row['weights_mib']} MiB)", row["label"].split(": ", 1)[1],
+                      f"{row['processes']}", f"{row['seconds']:.1f}", f"{row['peak_mib']}", kept, counts])
+    columns = ["model (weights)", "command", "processes", "wall s", "peak MiB (largest process)",
+               "factorizable params kept", "bases computed / from cache / randomized (fallbacks)"]
+    return "\n".join([f"### Scale: processes, peak memory, cache ({results['date']}, {results['machine']}; "
+                      "results/scale.json)", "", *markdown_table(columns, cells)])
 
 
 def main() -> None:

@@ -36,10 +36,10 @@ def compare_latency(models: Mapping[str, nn.Module], example_inputs: ModelInputs
                     warmup: int = 3) -> dict[int, dict[str, float]]:
     """Median seconds per forward pass of each model at each batch size; runs alternate between models."""
     results: dict[int, dict[str, float]] = {}
+    devices = {name: model_device(model) for name, model in models.items()}
     with torch.inference_mode():
         for batch_size in batch_sizes:
             resized = resize_batch(example_inputs, batch_size)
-            devices = {name: model_device(model) for name, model in models.items()}
             inputs = {name: on_device(resized, devices[name]) for name in models}  # moved once
             for name, model in models.items():
                 for _ in range(warmup):

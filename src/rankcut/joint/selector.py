@@ -232,9 +232,8 @@ class LossAware(Selector):
         tolerance = 1e-3 * abs(probe.baseline)
         curves = {c.name: LayerCurve.of(c, stats[c.name], self.order) for c in candidates}
         for name, table in measured.items():  # an earlier run's measurements: used when the run asks for them
-            for removed, change in table.items():
-                if name in curves:
-                    probe.remember({name: curves[name].kept(removed)}, change)
+            for removed, change in table.items():  # saved from the curves of a run with the same key
+                probe.remember({name: curves[name].kept(removed)}, change)
         statistics_seconds = elapsed()
         if self.mode == "lossless":  # compact checks its sizes on validation; probes where it allocates suffice
             self._probe_initial(curves, probe)
