@@ -157,8 +157,51 @@ def test_report_never_overwrites_an_input(tmp_path):
     before = weights.read_bytes()
     result = run("compress", "toy_models:cnn_factory", "--weights", str(weights), "--input-shape", "2,3,16,16",
                  "--report", str(weights))
-    assert result.exit_code == 2 and "is an input file" in result.output
+    assert result.exit_code == 2 and "it is the input" in result.output
     assert weights.read_bytes() == before
+    out = tmp_path / "out"
+    assert run("compress", *TOY, "--out", str(out), "--no-progress").exit_code == 0
+    saved = {path.name: path.read_bytes() for path in out.iterdir()}
+    factory = sys.modules["toy_models"].__file__
+    refused = {  # report path -> why
+        str(out / "plan.json"): "lies inside the input",  # a saved directory given as MODEL
+        str(tmp_path / "new" / "model.safetensors"): "lies inside --out",  # the run's own checkpoint
+        factory: "it is the input",  # the module:factory's source file
+    }
+    for report, why in refused.items():
+        model = str(out) if why == "lies inside the input" else "toy_models:cnn_factory"
+        result = run("compress", model, "--input-shape", "2,3,16,16", "--out", str(tmp_path / "new"),
+                     "--report", report, "--force", "--no-progress")
+        assert result.exit_code == 2 and why in result.output, (report, result.output)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == saved
+    existing = tmp_path / "old.json"
+    existing.write_text("{}")
+    result = run("compress", *TOY, "--report", str(existing), "--no-progress")
+    assert result.exit_code == 2 and "exists; choose another path or pass --force" in result.output
+    assert existing.read_text() == "{}"
+    assert run("compress", *TOY, "--report", str(existing), "--force", "--no-progress").exit_code == 0
+    assert json.loads(existing.read_text())["selector"] == "fixed:0.5"
+
+
+def test_a_saved_compressed_model_is_not_compressed_again(tmp_path):
+    out = tmp_path / "out"
+    assert run("compress", *TOY, "--out", str(out), "--no-progress").exit_code == 0
+    again = run("compress", str(out), "--input-shape", "2,3,16,16", "--out", str(tmp_path / "again"))
+    assert again.exit_code == 2 and "already compressed" in again.output
+    assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
+
+
+def test_inspect_refuses_a_plot_it_cannot_write(tmp_path):
+    weights = tmp_path / "net.safetensors"
+    from safetensors.torch import save_model
+
+    from toy_models import cnn_factory
+
+    save_model(cnn_factory(), str(weights))
+    for plot, why in ((weights, "it is the input"), (tmp_path / "spectra.safetensors", "give a file ending in")):
+        result = run("inspect", "toy_models:cnn_factory", "--weights", str(weights), "--input-shape", "2,3,16,16",
+                     "--spectrum", "--plot", str(plot))
+        assert result.exit_code == 2 and why in result.output, result.output
 
 
 def test_compress_lossless_from_the_shell(tmp_path):

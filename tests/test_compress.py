@@ -217,3 +217,24 @@ def test_bad_round_to_and_decomposition(cnn):
         rankcut.compress(cnn, "fixed:0.5", round_to=0, progress=False)
     with pytest.raises(ValueError, match="unknown decomposition 'cp3'"):
         rankcut.compress(cnn, "fixed:0.5", decomposition="cp3", progress=False)
+    with pytest.raises(ValueError, match=r"available: .*svd.*, or auto"):
+        rankcut.compress(cnn, "fixed:0.5", decomposition="cp3", progress=False)
+
+
+def test_an_already_compressed_model_is_refused(cnn):
+    """A second plan would name the first one's factors: its checkpoint could never be loaded back."""
+    compressed, _ = rankcut.compress(cnn, "fixed:0.5", progress=False)
+    with pytest.raises(ValueError, match=r"already compressed .* compress the original model"):
+        rankcut.compress(compressed, "fixed:0.5", progress=False)
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "auto"])  # auto: tucker2 for the convs
+def test_frozen_layers_stay_frozen_in_their_factors(cnn, decomposition):
+    cnn.down.weight.requires_grad_(False)
+    cnn.head[1].bias.requires_grad_(False)  # a frozen bias under a trainable weight
+    compressed, _ = rankcut.compress(cnn, "fixed:0.5", decomposition=decomposition, progress=False)
+    assert isinstance(compressed.down, Factorized) and isinstance(compressed.head[1], Factorized)
+    assert not any(p.requires_grad for p in compressed.down.parameters())
+    head = compressed.head[1]
+    assert all(m.weight.requires_grad for m in head) and not head[-1].bias.requires_grad
+    assert all(p.requires_grad for p in compressed.stem.parameters())

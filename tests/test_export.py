@@ -1,4 +1,5 @@
-"""Compressed models are plain modules: ONNX (onnxruntime), TorchScript tracing and torch.compile work."""
+"""Compressed models are plain modules: ONNX (onnxruntime), TorchScript (tracing and scripting) and torch.compile
+work."""
 
 import pytest
 import torch
@@ -29,6 +30,13 @@ def test_torchscript_trace(compressed):
     x = cnn_inputs()
     traced = torch.jit.trace(compressed, (x,))
     torch.testing.assert_close(traced(x), compressed(x), rtol=1e-5, atol=1e-6)
+
+
+def test_torchscript_script(compressed):
+    """Scripting compiles the factors' forward passes; ``Factorized.weight`` (eager only) is left out."""
+    x = cnn_inputs()
+    scripted = torch.jit.script(compressed)
+    torch.testing.assert_close(scripted(x), compressed(x), rtol=1e-5, atol=1e-6)
 
 
 def test_torch_compile(compressed):

@@ -656,6 +656,25 @@ def test_compact_with_the_users_own_batches():
     assert "validation, original" in report.summary()
     with pytest.raises(TypeError, match="re-iterable"):
         rankcut.LoaderTask(iter([]), [], task.loss)
+    with pytest.raises(TypeError, match="test: batches must be re-iterable"):
+        rankcut.LoaderTask([], [], task.loss, test=iter([]))
+
+
+def test_a_loader_task_reports_on_its_own_test_batches():
+    """Test batches are for the before/after numbers only: the plan is the same with or without them."""
+    task = PlantedTask()
+    model = task.build_model()
+    calibration, validation = list(task.calibration_batches(256, 64)), [task.inputs["validation"]]
+    test = [task.inputs["test"][:100], task.inputs["test"][100:]]
+    data = rankcut.LoaderTask(calibration, validation, task.loss, test=test)
+    compressed, report = rankcut.compress(model, "compact", data=data, evaluate_split="test", progress=False)
+    samples = sum(len(batch) for batch in test)
+    with torch.no_grad():
+        expected = sum(float(task.loss(compressed, batch)) * len(batch) for batch in test) / samples
+    assert report.metrics_after["loss"] == pytest.approx(expected)
+    without, _ = rankcut.compress(model, "compact", data=rankcut.LoaderTask(calibration, validation, task.loss),
+                                  progress=False)
+    assert report.plan.to_dict()["layers"] == rankcut.plan_of(without).to_dict()["layers"]
 
 
 class Counted(list):
@@ -692,13 +711,29 @@ def test_mistakes_in_the_users_own_data_get_clear_errors():
         "LoaderTask: the validation batches are empty": ([], task.loss, {}),
         "compact: the original model's validation loss is nan": (
             [torch.full_like(validation[0], float("nan"))], task.loss, {}),
-        "a LoaderTask only has a validation split, not 'test'": (validation, task.loss, {"evaluate_split": "test"}),
+        r"no test batches: give it some.*LoaderTask\(\.\.\., test=loader\).*--split validation": (
+            validation, task.loss, {"evaluate_split": "test"}),
     }
     for message, (held_out, loss, kwargs) in failing.items():
         counted = Counted(calibration)
         with pytest.raises(ValueError, match=message):
             compact(rankcut.LoaderTask(counted, held_out, loss), **kwargs)
         assert counted.reads == 1, message
+
+
+def test_a_probe_that_breaks_the_numerics_names_its_layer():
+    """lossless probes each layer alone: a truncation whose loss is nan stops the run naming that layer."""
+    task = PlantedTask()
+    model = task.build_model()
+    original = model[1].weight.detach().clone()
+
+    def overflowing(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:  # as if layer '1' overflowed in float16
+        value = task.loss(m, batch)
+        return value if torch.equal(m[1].weight, original) else value * float("nan")
+
+    data = rankcut.LoaderTask(list(task.calibration_batches(256, 64)), [task.inputs["validation"]], overflowing)
+    with pytest.raises(ValueError, match=r"probe loss is nan with 1 layer\(s\) truncated \('1'\).*--ignore"):
+        rankcut.compress(model, "lossless:params=0.5", data=data, progress=False)
 
 
 class FragileTask(PlantedTask):
@@ -815,6 +850,8 @@ def test_statistics_under_the_users_autocast(decomposition):
     ({"pixel_values": [torch.zeros(3, 8, 8)] * 2, "label": [0, 1]}, 2),
     ({"gloss": {"input_ids": torch.zeros(6, 9)}}, 6),
     ("a single string", 1),
+    ([(torch.zeros(3, 8, 8), 0), (torch.zeros(3, 8, 8), 1)], 2),  # uncollated (collate_fn=lambda s: s)
+    (({"input_ids": torch.zeros(5, 3)}, {"input_ids": torch.zeros(5, 2)}), 5),  # paired encodings (WordNet's)
 ])
 def test_batches_are_counted_in_samples(batch, samples):
     assert batch_samples(batch) == samples

@@ -20,12 +20,20 @@ from rankcut.distributed import Group
 from rankcut.input_statistics import input_grams
 from rankcut.inventory import Candidate, DecompositionSpec, IgnoreSpec, Inventory, scan
 from rankcut.latency import LatencyGuard
-from rankcut.layers import Components, Decomposition, LayerInfo, Rank, get_decomposition
+from rankcut.layers import Components, Decomposition, Factorized, LayerInfo, Rank, get_decomposition
 from rankcut.plan import LayerPlan, Plan
 from rankcut.recalibration import BatchNormRecalibration, batch_norms
 from rankcut.report import Report
 from rankcut.selectors import Choice, RankPolicy, Selector, parse_selector
-from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, ModelInputs, Task, describe_inputs, require_task
+from rankcut.tasks.base import (
+    BATCH_SIZE,
+    CALIBRATION_SAMPLES,
+    PASS_EXAMPLE_INPUTS,
+    ModelInputs,
+    Task,
+    describe_inputs,
+    require_task,
+)
 
 PLAN_ATTRIBUTE = "_rankcut_plan"
 
@@ -75,13 +83,14 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
     ``torchrun`` the processes share the work and all reach this same plan. A decomposition that whitens by
     the inputs (``whitened-svd``) reads them on ``task``'s first ``whitening_samples`` calibration samples.
     """
+    _refuse_compressed(model)
     selector = _selector(select, progress)
     if task is not None:
         require_task(task, "task")
     if example_inputs is None and task is not None:
         example_inputs = task.example_inputs()
     if latency_guard and example_inputs is None:
-        raise ValueError("latency_guard times each layer on its input shape: pass example_inputs (or a task)")
+        raise ValueError(f"latency_guard times each layer on its input shape: {PASS_EXAMPLE_INPUTS}")
     guard = (latency_guard if isinstance(latency_guard, LatencyGuard) else LatencyGuard()) if latency_guard else None
     policy = RankPolicy(round_to=round_to, break_even=selector.uses_break_even, latency=guard)
     inventory = inventory or scan(model, example_inputs, decomposition, ignore, store)
@@ -104,6 +113,16 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
     if getattr(selector, "summary", None):
         meta["selection"] = selector.summary
     return Plan(layers, selector.spec, meta)
+
+
+def _refuse_compressed(model: nn.Module) -> None:
+    """Refuse a model rankcut has already factorized: its checkpoint is rebuilt from the original architecture and
+    one plan, so a second plan (which would name the factors) could never be loaded back."""
+    done = [name for name, module in model.named_modules() if isinstance(module, Factorized)]
+    if done:
+        raise ValueError(f"this model is already compressed ({len(done)} factorized layers, e.g. {done[0]!r}): "
+                         "compress the original model instead, with the new selector (a second plan on top of the "
+                         "first could not be saved and loaded back)")
 
 
 def gather_inputs(model: nn.Module, candidates: Sequence[Candidate], task: Task | None, samples: int) -> None:
@@ -182,7 +201,19 @@ def _replace_layers(model: nn.Module, plan: Plan, candidates: Mapping[str, Candi
             layer.relative_error = decomposition.relative_error(basis, rank, components)
         else:
             factors = decomposition.build(candidate.info, rank)
+        _keep_frozen(candidate.module, factors)
         _set_module(model, layer.name, factors)
+
+
+def _keep_frozen(dense: nn.Module, factors: nn.Module) -> None:
+    """Give the factors the dense layer's ``requires_grad``: a weight the user froze stays frozen, and so does a
+    frozen bias (carried by the last factor)."""
+    factors.requires_grad_(dense.weight.requires_grad)
+    bias = getattr(dense, "bias", None)
+    if bias is not None:
+        for module in factors.modules():
+            if getattr(module, "bias", None) is not None:
+                module.bias.requires_grad_(bias.requires_grad)
 
 
 def _checked_components(layer: LayerPlan, decomposition: Decomposition, info: LayerInfo,
@@ -212,8 +243,9 @@ def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool
     inventory = inventory or scan(model)
     candidates = {c.name: c for c in inventory.candidates}
     _check_plan_matches(plan, candidates)
-    gather_inputs(model, [candidates[layer.name] for layer in plan.factorized()
-                          if get_decomposition(layer.decomposition).needs_inputs], task, whitening_samples)
+    planned = [replace(candidates[layer.name], decomposition=get_decomposition(layer.decomposition))
+               for layer in plan.factorized()]  # the plan's decompositions, not scan's default
+    gather_inputs(model, [c for c in planned if c.decomposition.needs_inputs], task, whitening_samples)
     target = model if inplace else copy.deepcopy(model)
     if not inplace:
         modules = dict(target.named_modules())

@@ -73,6 +73,34 @@ def _load(model: str, weights: str | None, task: str | None, device: str) -> tup
         _fail(str(error))
 
 
+def _inputs_of(model: str, task: str | None, source: ModelSource, weights: str | None) -> tuple[Path, ...]:
+    """Every file or directory a command reads its model and task from: never a place to write into."""
+    paths = [p for p in (source.checkpoint, weights, source.files_dir) if p]
+    for spec in (model, task):  # a module:function spec reads its module's source file
+        module = sys.modules.get(spec.partition(":")[0]) if spec and ":" in spec else None
+        if module is not None and getattr(module, "__file__", None):
+            paths.append(module.__file__)
+    return tuple(Path(p).resolve() for p in paths)
+
+
+def _check_output_file(path: str, option: str, inputs: tuple[Path, ...], out: str | None = None,
+                       force: bool | None = None) -> None:
+    """Refuse to write ``option``'s file over an input, into an input directory or into ``out`` (which the run
+    fills), or, when ``force`` is given, over an existing file unless it is true."""
+    target = Path(path).resolve()
+    for item in inputs:
+        if target == item or item in target.parents:
+            raise CheckpointError(f"{option} {path}: {'it is' if target == item else 'it lies inside'} the input "
+                                  f"{item}; choose a path outside the inputs")
+    if out is not None and Path(out).resolve() in target.parents:
+        raise CheckpointError(f"{option} {path} lies inside --out {out}, which the saved model fills (it holds "
+                              "report.json already); choose a path outside it")
+    if target.is_dir():
+        raise CheckpointError(f"{option} {path} is a directory; give a file path")
+    if force is False and target.exists():
+        raise CheckpointError(f"{option} {path} exists; choose another path or pass --force to overwrite it")
+
+
 DECOMPOSITION_HELP = ("svd, tucker2, auto (tucker2 for k×k convs, svd for the rest) or whitened-svd (svd of the "
                       "weights whitened by their inputs on --task's calibration samples: least output error).")
 
@@ -114,11 +142,13 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
     source, task_obj = _load(model, weights, task, device)
     inputs = _example_inputs(source, task_obj, input_shape)
     try:
+        if spectrum:
+            _check_output_file(plot, "--plot", _inputs_of(model, task, source, weights))
         inventory = scan(source.model, inputs, decomposition)
         if spectrum:
             gather_inputs(source.model, [c for c in inventory.factorizable() if c.decomposition.needs_inputs],
                           task_obj, CALIBRATION_SAMPLES)
-    except ValueError as error:
+    except (ValueError, CheckpointError) as error:
         _fail(str(error))
     rows = [("layer", "kind", "weight", "params", "MACs", "decomposition", "full rank", "largest paying rank", "note")]
     for c in inventory.candidates:
@@ -184,7 +214,7 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
               help="Layers with at least N weights get a checked randomized SVD of their leading components.")
 @click.option("--out", type=click.Path(file_okay=False), help="Directory to save the compressed model into.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
-@click.option("--force", is_flag=True, help="Allow a non-empty --out directory.")
+@click.option("--force", is_flag=True, help="Allow a non-empty --out directory and an existing --report file.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, device: str, select: str,
              target: str | None, calibration_samples: int, batch_size: int, probe_samples: int | None,
@@ -200,10 +230,10 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
                              reexpansions, tolerance, recalibrate, progress)
     except ValueError as error:
         _fail(str(error))
-    protected = tuple(p for p in (source.checkpoint, weights, source.files_dir) if p)
+    protected = _inputs_of(model, task, source, weights)
     try:
-        if report_path and any(Path(report_path).resolve() == Path(p).resolve() for p in protected):
-            raise CheckpointError(f"--report {report_path} is an input file; choose another path")
+        if report_path:
+            _check_output_file(report_path, "--report", protected, out, force)
         if out:  # in every process, so that a refusal stops them all before they wait on each other
             prepare_output_dir(out, force=force, protected=protected)
         inputs = _example_inputs(source, task_obj, input_shape)

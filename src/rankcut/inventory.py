@@ -77,7 +77,10 @@ def resolve_decomposition(spec: DecompositionSpec, info: LayerInfo) -> Decomposi
         name = spec
     if name == "auto":
         name = "tucker2" if info.is_conv and info.kernel_volume > 1 and info.in_per_group > 1 else "svd"
-    return get_decomposition(name)
+    try:
+        return get_decomposition(name)
+    except ValueError as error:  # "auto" is this function's, not a registered decomposition: name it too
+        raise ValueError(f"{error}, or auto") from None
 
 
 def _owner_reasons(model: nn.Module) -> dict[str, str]:

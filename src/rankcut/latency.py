@@ -14,7 +14,7 @@ from torch import nn
 from rankcut.devices import synchronize
 from rankcut.layers import Decomposition, LayerInfo, Rank
 from rankcut.layers.decompositions import dense_module
-from rankcut.tasks.base import ModelInputs, feed, map_tensors, model_device, on_device
+from rankcut.tasks.base import PASS_EXAMPLE_INPUTS, ModelInputs, feed, map_tensors, model_device, on_device
 
 # Seconds one forward pass of a module takes on an input.
 Timer = Callable[[nn.Module, torch.Tensor], float]
@@ -95,7 +95,7 @@ class LatencyGuard:
         faster than dense (None: none is)."""
         if not info.input_shape:
             raise ValueError(f"layer {info.name!r}: the latency guard needs example inputs to know the layer's "
-                             "input shape; pass example_inputs (or a task)")
+                             f"input shape; {PASS_EXAMPLE_INPUTS}")
         key = self._key(info, decomposition, ranks)
         if key not in self._searches:
             inputs = torch.randn(*info.input_shape, dtype=info.dtype, device=info.device)

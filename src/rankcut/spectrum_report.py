@@ -55,6 +55,11 @@ def _plot(candidates: list[Candidate], evbmf_by_layer: dict, path: str | Path) -
     except ImportError as error:
         raise RuntimeError("plotting needs matplotlib: pip install 'rankcut[plot]'") from error
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    formats = figure.canvas.get_supported_filetypes()
+    if Path(path).suffix.lstrip(".").lower() not in formats:
+        plt.close(figure)
+        raise RuntimeError(f"--plot {path}: the plot is an image; give a file ending in one of "
+                           f"{', '.join('.' + name for name in sorted(formats))} (e.g. spectrum.png)")
     colormap = plt.cm.viridis
     for index, candidate in enumerate(candidates):
         color = colormap(index / max(len(candidates) - 1, 1))

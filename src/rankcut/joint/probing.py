@@ -95,23 +95,20 @@ class LossProbe:
         self._changes: dict[tuple[Any, ...], float] = {}  # finite changes measured without ``within``
         self.baseline = self.measure(original=True) if baseline is None else baseline
 
-    def measure(self, strict: bool = True, original: bool = False) -> float:
+    def measure(self, original: bool = False) -> float:
         """The current model's mean loss on the probe batches (forward passes only; split across processes).
 
-        A non-finite loss raises, naming the cause; with ``strict=False`` it is returned (a search then
-        counts it as a failed step), except for the ``original`` model's.
+        A non-finite loss is returned (``change`` decides what it means), except for the ``original`` model's,
+        which raises: every change is measured against it.
         """
         self.model.eval()
         with torch.no_grad():
             local = [float(batch_loss(self.loss, self.model, batch)) for batch in self.group.share(self.batches)]
         value = mean_loss(local, self.group)
         self.measurements += 1
-        if value != value or value in (float("inf"), float("-inf")):
-            if original:
-                raise ValueError(f"the original model's loss on the probe batches is {value}: check the model and "
-                                 "the calibration data (an empty batch gives nan)")
-            if strict:
-                raise ValueError(f"probe loss is {value}: a truncated layer broke the model's numerics")
+        if original and not math.isfinite(value):
+            raise ValueError(f"the original model's loss on the probe batches is {value}: check the model and "
+                             "the calibration data (an empty batch gives nan)")
         return value
 
     def remember(self, kept: Mapping[str, Components], change: float) -> None:
@@ -126,6 +123,8 @@ class LossProbe:
                within: AbstractContextManager[Any] | None = None) -> float:
         """Measured loss change when the named layers keep only the given components (see ``measure``);
         ``within``: a context entered after the substitution, e.g. batch-norm recalibration of the result.
+        A non-finite loss raises, naming the truncated layers; with ``strict=False`` it is returned (a search
+        then counts it as a failed step).
 
         Without ``within``, a truncation measured before is not measured again: the same weights on the same
         batches give the same number (compact's search has measured the plan it keeps, for instance). The
@@ -135,7 +134,13 @@ class LossProbe:
         if key is not None and key in self._changes:
             return self._changes[key]
         with substituted(candidates, kept), within or nullcontext():
-            change = self.measure(strict) - self.baseline
+            change = self.measure() - self.baseline
+        if strict and not math.isfinite(change):
+            names = sorted(kept)
+            raise ValueError(f"probe loss is {change + self.baseline} with {len(names)} layer(s) truncated "
+                             f"({', '.join(map(repr, names[:5]))}{' …' if len(names) > 5 else ''}): the truncation "
+                             "broke the model's numerics; keep such layers dense (ignore=[...], --ignore) or run "
+                             "the model in float32")
         if key is not None and math.isfinite(change):
             self._changes[key] = change
         return change

@@ -57,7 +57,7 @@ from rankcut.selectors.allocation import (
 )
 from rankcut.selectors.base import Choice, RankPolicy, Selector
 from rankcut.selectors.budget import METRICS, Budget, layer_cost
-from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, batch_samples
+from rankcut.tasks.base import BATCH_SIZE, CALIBRATION_SAMPLES, PASS_EXAMPLE_INPUTS, batch_samples
 
 MODES = ("lossless", "compact")
 LOSS_AWARE, ENERGY, REEXPANDED = "loss-aware", "energy budget", "re-expanded"  # where a plan came from
@@ -183,7 +183,7 @@ class LossAware(Selector):
                 raise ValueError(f"{self.spec}: layer {candidate.name!r} has a partial randomized SVD; the loss "
                                  "statistics need every component: raise randomized_above (--randomized-above)")
         if self.metric == "macs" and any(c.info.output_positions == 0 for c in candidates):
-            raise ValueError(f"{self.spec} needs MACs per layer: pass example_inputs (or a task) to compress")
+            raise ValueError(f"{self.spec} needs MACs per layer: {PASS_EXAMPLE_INPUTS}")
         start = time.perf_counter()
         self._validation_seconds = 0.0
 

@@ -15,6 +15,8 @@ class Factorized(nn.Sequential):
     ``nn.Sequential``'s, so TorchScript, ``torch.compile`` and ONNX export see only standard modules.
     """
 
+    __jit_unused_properties__ = ("weight",)  # eager-only convenience: TorchScript compiles only the forward pass
+
     def __init__(self, modules: Sequence[nn.Module], decomposition: str, rank: int | tuple[int, ...]) -> None:
         super().__init__(*modules)
         self.decomposition = decomposition

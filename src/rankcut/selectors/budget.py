@@ -8,6 +8,7 @@ from rankcut.inventory import Candidate
 from rankcut.layers import Rank
 from rankcut.selectors.allocation import Option, walk_to_budget
 from rankcut.selectors.base import Choice, RankPolicy, Selector
+from rankcut.tasks.base import PASS_EXAMPLE_INPUTS
 
 METRICS = ("params", "macs")
 
@@ -59,7 +60,7 @@ class Budget(Selector):
 
     def choose(self, candidates: Sequence[Candidate], policy: RankPolicy) -> dict[str, Choice]:
         if self.metric == "macs" and any(c.info.output_positions == 0 for c in candidates):
-            raise ValueError("budget:macs needs MACs per layer: pass example_inputs (or a task) to compress")
+            raise ValueError(f"budget:macs needs MACs per layer: {PASS_EXAMPLE_INPUTS}")
         total = sum(self._cost(c, None) for c in candidates)
         target = self.fraction * total
         options = {c.name: self._options(c, policy) for c in candidates}

@@ -88,13 +88,19 @@ def batch_loss(loss: Forward, model: nn.Module, batch: Any) -> torch.Tensor:
     return value.reshape(())
 
 
+PASS_EXAMPLE_INPUTS = ("pass example_inputs (--input-shape), or a task that gives them (a built-in task does; "
+                       "LoaderTask takes example_inputs=...)")
+
+
 def batch_samples(batch: Any) -> int:
     """How many samples a batch holds. A tensor: its first dimension. A mapping holds fields (Hugging Face
     style ``{"input_ids": ..., "attention_mask": ...}``, or a ``datasets`` batch of lists): the first dimension
     of its first tensor with one, else the length of its first list, else its first nested mapping's count. A
-    tuple or list whose first item is a tensor, mapping, tuple or list holds fields (``(x, y)``, a collated
+    list of tuples is uncollated, one tuple per sample (``DataLoader(..., collate_fn=lambda s: s)`` over
+    ``(x, y)`` pairs; a DataLoader collates pairs into a list of fields, never into tuples). Any other tuple
+    or list whose first item is a tensor, mapping, tuple or list holds fields (``(x, y)``, a collated
     ``[x, y]``): the first field's count. Any other list holds the samples themselves (``["a gloss", "b"]``).
-    A string is one sample. An uncollated list of per-sample tuples would be read as fields."""
+    A string is one sample."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.dim() else 1
     if isinstance(batch, (str, bytes)):
@@ -109,6 +115,8 @@ def batch_samples(batch: Any) -> int:
             return len(column)
         nested = next((v for v in values if isinstance(v, Mapping)), None)
         return 1 if nested is None else batch_samples(nested)
+    if isinstance(batch, list) and batch and all(isinstance(item, tuple) for item in batch):
+        return len(batch)
     if isinstance(batch, (tuple, list)):
         if batch and isinstance(batch[0], (torch.Tensor, Mapping, tuple, list)):
             return batch_samples(batch[0])

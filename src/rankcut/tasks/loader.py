@@ -16,17 +16,23 @@ class LoaderTask:
 
     ``loss(model, batch)`` returns the batch's mean loss. Validation is judged by that loss alone, averaged
     over the validation samples (the metric is ``neg_loss``, higher is better), so keep the validation batches
-    apart from the calibration ones. Batches are re-iterated, so pass lists or loaders, not one-shot generators.
+    apart from the calibration ones. ``test`` (optional) batches, held out from both, give honest before/after
+    numbers (``evaluate_split="test"``, the CLI's ``--split test``); the selectors never read them. Batches are
+    re-iterated, so pass lists or loaders, not one-shot generators.
     """
 
     name = "user-data"
     metric_name = "neg_loss"
 
     def __init__(self, calibration: Iterable[Any], validation: Iterable[Any],
-                 loss: Callable[[nn.Module, Any], torch.Tensor], example_inputs: ModelInputs | None = None) -> None:
-        if iter(calibration) is calibration or iter(validation) is validation:
-            raise TypeError("calibration and validation must be re-iterable (a list or a DataLoader), not iterators")
-        self.calibration, self.validation, self.loss_fn = calibration, validation, loss
+                 loss: Callable[[nn.Module, Any], torch.Tensor], example_inputs: ModelInputs | None = None,
+                 test: Iterable[Any] | None = None) -> None:
+        given = {"calibration": calibration, "validation": validation, "test": test}
+        one_shot = [name for name, batches in given.items() if batches is not None and iter(batches) is batches]
+        if one_shot:
+            raise TypeError(f"{', '.join(one_shot)}: batches must be re-iterable (a list or a DataLoader), not "
+                            "iterators")
+        self.calibration, self.validation, self.test, self.loss_fn = calibration, validation, test, loss
         self._example_inputs = example_inputs
 
     def build_model(self) -> nn.Module:
@@ -49,15 +55,19 @@ class LoaderTask:
         return self.loss_fn(model, batch)
 
     def evaluate(self, model: nn.Module, split: str = "validation") -> dict[str, float]:
-        if split != "validation":
-            raise ValueError(f"a LoaderTask only has a validation split, not {split!r}")
+        if split == "test" and self.test is None:
+            raise ValueError("this LoaderTask has no test batches: give it some, held out from calibration and "
+                             "validation (LoaderTask(..., test=loader)), or report on the validation split "
+                             "(evaluate_split='validation', --split validation; --split none to skip)")
+        if split not in ("validation", "test"):
+            raise ValueError(f"a LoaderTask has a validation and a test split, not {split!r}")
         model.eval()
         with torch.no_grad():  # each batch's mean loss, weighted by its samples: a short last batch counts less
             weighted = [(float(batch_loss(self.loss_fn, model, batch)), batch_samples(batch))
-                        for batch in self.validation]
+                        for batch in (self.validation if split == "validation" else self.test)]
         samples = sum(count for _, count in weighted)
         if not samples:
-            raise ValueError("LoaderTask: the validation batches are empty; the loss-aware selectors check every "
-                             "plan on them")
+            raise ValueError(f"LoaderTask: the {split} batches are empty"
+                             + ("; the loss-aware selectors check every plan on them" if split == "validation" else ""))
         loss = sum(value * count for value, count in weighted) / samples
         return {"loss": loss, "neg_loss": -loss}
