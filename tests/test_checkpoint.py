@@ -1,9 +1,11 @@
 """save → load gives the same model; bad checkpoints and unsafe writes are refused with clear errors."""
 
+import hashlib
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import rankcut
 from rankcut.checkpoint import PLAN_FILE, WEIGHTS_FILE, CheckpointError
@@ -29,11 +31,49 @@ def test_save_load_gives_identical_outputs(saved):
     assert rankcut.plan_of(restored).to_dict()["layers"] == rankcut.plan_of(compressed).to_dict()["layers"]
 
 
-def test_load_rebuilds_from_the_recorded_source(tmp_path):
+def test_load_rebuilds_from_the_recorded_source_only_when_trusted(tmp_path):
+    """Importing a module:factory named in plan.json runs its code: a checkpoint's word is not enough."""
     compressed, _ = rankcut.compress(cnn_factory(), "fixed:0.5", progress=False)
     rankcut.save(compressed, tmp_path / "out", source="toy_models:cnn_factory")
     x = cnn_inputs()
-    torch.testing.assert_close(rankcut.load(tmp_path / "out")(x), compressed(x), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"names the source 'toy_models:cnn_factory'.*trust_source=True"):
+        rankcut.load(tmp_path / "out")
+    torch.testing.assert_close(rankcut.load(tmp_path / "out", trust_source=True)(x), compressed(x), rtol=0, atol=0)
+    torch.testing.assert_close(rankcut.load(tmp_path / "out", model=cnn_factory())(x), compressed(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("meta", "message"), [
+    ({"source": 5}, "meta.source must be a string"),
+    ({"weights": "../other/model.safetensors"}, "meta.weights must name a file in the checkpoint directory"),
+    ({"weights": 5}, "meta.weights must name a file"),
+])
+def test_hostile_plan_fields_are_refused_by_name(tmp_path, meta, message):
+    compressed, _ = rankcut.compress(cnn_factory(), "fixed:0.5", progress=False)
+    out = rankcut.save(compressed, tmp_path / "out", source="toy_models:cnn_factory")
+    plan = json.loads((out / "plan.json").read_text())
+    plan["meta"].update(meta)
+    (out / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(CheckpointError, match=message):
+        rankcut.load(out, trust_source=True)
+
+
+def test_a_refused_checkpoint_gives_the_model_back_unchanged(tmp_path):
+    compressed, _ = rankcut.compress(cnn_factory(), "fixed:0.5", progress=False)
+    out = rankcut.save(compressed, tmp_path / "out")
+    state = load_file(out / "model.safetensors")
+    name = next(key for key in state if key.startswith("head.1."))
+    state[name] = torch.zeros(1, 1)  # a wrong shape, with the checksum made to match
+    save_file(state, out / "model.safetensors")
+    plan = json.loads((out / "plan.json").read_text())
+    plan["meta"]["weights_sha256"] = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    (out / "plan.json").write_text(json.dumps(plan))
+    model = cnn_factory()
+    x, before = cnn_inputs(), model(cnn_inputs())
+    with pytest.raises(CheckpointError, match="has shape"):
+        rankcut.load(out, model=model)
+    assert not any(isinstance(module, rankcut.Factorized) for module in model.modules())
+    assert not hasattr(model, "_rankcut_plan")
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
 def test_tied_weights_survive_a_round_trip(tmp_path):

@@ -37,9 +37,11 @@ def test_compress_saves_and_reports(tmp_path):
     assert data["seconds"] > 0
     layer = data["layers"][0]
     assert {"name", "kind", "decomposition", "rank", "max_rank", "params_before", "params_after"} <= set(layer)
-    evaluated = run("eval", str(out))  # the task recorded in the plan is reused
+    untrusted = run("eval", str(out))  # plan.json names module:function source and task: not imported
+    assert untrusted.exit_code == 2 and "--trust-source" in untrusted.output
+    evaluated = run("eval", str(out), "--trust-source")  # the task recorded in the plan is reused
     assert evaluated.exit_code == 0 and "toy (test): accuracy=" in evaluated.output
-    bench = run("bench", str(out), "--repeats", "2", "--batch", "1", "--device", "cpu")
+    bench = run("bench", str(out), "--repeats", "2", "--batch", "1", "--device", "cpu", "--trust-source")
     assert bench.exit_code == 0 and "speed-up" in bench.output
 
 
@@ -49,7 +51,7 @@ def test_compress_whitened_needs_the_task_and_reloads(tmp_path):
                  "--decomposition", "whitened-svd", "--out", str(out), "--no-progress")
     assert result.exit_code == 0, result.output
     assert "whitened-svd" in (out / "plan.json").read_text()
-    evaluated = run("eval", str(out))
+    evaluated = run("eval", str(out), "--trust-source")
     assert evaluated.exit_code == 0 and "toy (test): accuracy=" in evaluated.output
     no_task = run("compress", "toy_models:cnn_factory", "--input-shape", "2,3,16,16", "--decomposition",
                   "whitened-svd", "--no-progress")
@@ -62,7 +64,8 @@ def test_compress_refuses_unsafe_outputs(tmp_path):
     again = run("compress", *TOY, "--out", str(out), "--no-progress")
     assert again.exit_code == 2 and "not empty" in again.output
     assert run("compress", *TOY, "--out", str(out), "--force", "--no-progress").exit_code == 0
-    onto_itself = run("compress", str(out), "--input-shape", "2,3,16,16", "--out", str(out), "--force")
+    onto_itself = run("compress", str(out), "--input-shape", "2,3,16,16", "--out", str(out), "--force",
+                      "--trust-source")
     assert onto_itself.exit_code == 2 and "holds the input" in onto_itself.output
 
 
@@ -171,7 +174,7 @@ def test_report_never_overwrites_an_input(tmp_path):
     for report, why in refused.items():
         model = str(out) if why == "lies inside the input" else "toy_models:cnn_factory"
         result = run("compress", model, "--input-shape", "2,3,16,16", "--out", str(tmp_path / "new"),
-                     "--report", report, "--force", "--no-progress")
+                     "--report", report, "--force", "--no-progress", "--trust-source")
         assert result.exit_code == 2 and why in result.output, (report, result.output)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == saved
     existing = tmp_path / "old.json"
@@ -186,7 +189,8 @@ def test_report_never_overwrites_an_input(tmp_path):
 def test_a_saved_compressed_model_is_not_compressed_again(tmp_path):
     out = tmp_path / "out"
     assert run("compress", *TOY, "--out", str(out), "--no-progress").exit_code == 0
-    again = run("compress", str(out), "--input-shape", "2,3,16,16", "--out", str(tmp_path / "again"))
+    again = run("compress", str(out), "--input-shape", "2,3,16,16", "--out", str(tmp_path / "again"),
+                "--trust-source")
     assert again.exit_code == 2 and "already compressed" in again.output
     assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
 

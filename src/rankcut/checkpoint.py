@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from rankcut import hf
-from rankcut.api import build_skeleton, plan_of
+from rankcut.api import PLAN_ATTRIBUTE, build_skeleton, plan_of
 from rankcut.plan import Plan
 from rankcut.report import Report
 
@@ -155,11 +155,40 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
     model.load_state_dict({key: state[stored[key]] for key in expected}, strict=True)
 
 
-def load(checkpoint_dir: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def recorded_spec(directory: Path, plan: Plan, field: str, trust_source: bool) -> str | None:
+    """``plan.meta[field]`` (the ``source`` model or the ``task``), checked: importing a ``module:function`` runs
+    that module's code, so a spec read from a checkpoint is used only when its owner trusts it."""
+    spec = plan.meta.get(field)
+    if spec is None or spec == "":
+        return None
+    if not isinstance(spec, str):
+        raise CheckpointError(f"{directory / PLAN_FILE}: meta.{field} must be a string, got {type(spec).__name__}")
+    if ":" in spec and not trust_source:
+        instead = ("pass model= (an uncompressed instance you build)" if field == "source"
+                   else "pass the task yourself (task=..., --task)")
+        raise CheckpointError(f"{directory / PLAN_FILE} names the {field} {spec!r}: importing it would run that "
+                              f"module's code; {instead}, or trust_source=True (--trust-source) if you trust this "
+                              "checkpoint")
+    return spec
+
+
+def _weights_path(directory: Path, plan: Plan) -> Path:
+    """The checkpoint's weights file: a file name inside the directory (a plan cannot point elsewhere)."""
+    name = plan.meta.get("weights", WEIGHTS_FILE)
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise CheckpointError(f"{directory / PLAN_FILE}: meta.weights must name a file in the checkpoint directory "
+                              f"(e.g. {WEIGHTS_FILE!r}), got {name!r}")
+    return directory / name
+
+
+def load(checkpoint_dir: str | os.PathLike, model: nn.Module | None = None, *,
+         trust_source: bool = False) -> nn.Module:
     """Rebuild a compressed model: the plan reshapes ``model`` (uncompressed, same architecture), then weights load.
 
     Without ``model``, the uncompressed model is rebuilt from the directory's ``config.json`` (transformers
-    models) or from the plan's recorded ``source``. Weights are read with safetensors only; nothing is unpickled.
+    models) or from the plan's recorded ``source``: a zoo name, or a ``module:factory`` only with
+    ``trust_source=True``, since importing it runs code. Weights are read with safetensors only; nothing is
+    unpickled. If the checkpoint is refused, ``model`` is given back as it came.
     """
     directory = Path(checkpoint_dir)
     plan = read_plan(directory)
@@ -168,11 +197,27 @@ def load(checkpoint_dir: str | os.PathLike, model: nn.Module | None = None) -> n
     if model is None:
         from rankcut.sources import build_source_model  # a saved source is only needed on this path
 
-        source = plan.meta.get("source")
-        if not source:
+        source = recorded_spec(directory, plan, "source", trust_source)
+        if source is None:
             raise CheckpointError(f"{directory} records no source model; pass model= (an uncompressed instance)")
         model = build_source_model(source)
-    state = _read_weights(directory / plan.meta.get("weights", WEIGHTS_FILE), plan.meta.get("weights_sha256"))
-    build_skeleton(model, plan)
-    _load_state(model, state, directory / WEIGHTS_FILE)
+    path = _weights_path(directory, plan)
+    state = _read_weights(path, plan.meta.get("weights_sha256"))
+    dense = dict(model.named_modules())
+    try:
+        build_skeleton(model, plan)
+        _load_state(model, state, path)
+    except BaseException:
+        _restore(model, dense)
+        raise
     return model.eval()
+
+
+def _restore(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put back the modules a failed load replaced (by name, shallowest first), and drop the plan it attached."""
+    for name in sorted(modules, key=lambda name: name.count(".")):
+        if name and model.get_submodule(name) is not modules[name]:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, modules[name])
+    if hasattr(model, PLAN_ATTRIBUTE):
+        delattr(model, PLAN_ATTRIBUTE)

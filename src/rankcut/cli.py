@@ -13,7 +13,7 @@ from click.core import ParameterSource
 from rankcut import hf
 from rankcut.api import compress as compress_model
 from rankcut.api import gather_inputs
-from rankcut.checkpoint import CheckpointError, prepare_output_dir, save, write_text_atomic
+from rankcut.checkpoint import CheckpointError, prepare_output_dir, read_plan, recorded_spec, save, write_text_atomic
 from rankcut.counting import count_macs, count_params
 from rankcut.devices import usable_device
 from rankcut.distributed import Group, init_from_environment
@@ -59,14 +59,15 @@ def _example_inputs(source: ModelSource, task: Task | None, input_shape: str | N
     return hf.example_inputs(source.model) if hf.is_hf_model(source.model) else None
 
 
-def _load(model: str, weights: str | None, task: str | None, device: str) -> tuple[ModelSource, Task | None]:
+def _load(model: str, weights: str | None, task: str | None, device: str,
+          trust_source: bool) -> tuple[ModelSource, Task | None]:
     """The model (moved to ``device``) and its task, or a clear error."""
     try:
         where = usable_device(device)
     except ValueError as error:
         _fail(f"--device: {error}")
     try:
-        source = resolve_model(model, weights)
+        source = resolve_model(model, weights, trust_source=trust_source, task_given=bool(task))
         source.model.to(where)  # the built-in tasks' batches follow the model
         return source, resolve_task(task) if task else source.task
     except (ValueError, NotATask, CheckpointError) as error:
@@ -92,7 +93,7 @@ def _check_output_file(path: str, option: str, inputs: tuple[Path, ...], out: st
         if target == item or item in target.parents:
             raise CheckpointError(f"{option} {path}: {'it is' if target == item else 'it lies inside'} the input "
                                   f"{item}; choose a path outside the inputs")
-    if out is not None and Path(out).resolve() in target.parents:
+    if out is not None and (target == Path(out).resolve() or Path(out).resolve() in target.parents):
         raise CheckpointError(f"{option} {path} lies inside --out {out}, which the saved model fills (it holds "
                               "report.json already); choose a path outside it")
     if target.is_dir():
@@ -119,6 +120,10 @@ _weights_option = click.option("--weights", type=click.Path(exists=True, dir_oka
                                help="Safetensors weights for a module:factory model.")
 _task_option = click.option("--task", help="Built-in task name or module:function (default: the model's own).")
 _shape_option = click.option("--input-shape", help="Random example input shape, e.g. 1,3,32,32 (when no task).")
+_trust_option = click.option("--trust-source", is_flag=True,
+                             help="MODEL is a saved directory whose plan.json names a module:factory model or "
+                                  "module:function task: import it (this runs its code). Only for checkpoints you "
+                                  "trust.")
 _device_option = click.option("--device", default="cpu", show_default=True,
                               help="Where to compute: cpu, cuda, cuda:1, mps… The model and the built-in tasks' "
                                    "batches go there; a --task module:function's loss moves its own batches.")
@@ -126,7 +131,7 @@ _device_option = click.option("--device", default="cpu", show_default=True,
 
 def _model_options(command):
     """MODEL, --weights, --task, --input-shape and --device: how every command finds its model and inputs."""
-    for option in (_device_option, _shape_option, _task_option, _weights_option, _model_argument):
+    for option in (_trust_option, _device_option, _shape_option, _task_option, _weights_option, _model_argument):
         command = option(command)
     return command
 
@@ -138,8 +143,8 @@ def _model_options(command):
 @click.option("--plot", default="spectrum.png", show_default=True, type=click.Path(dir_okay=False),
               help="Where --spectrum writes its PNG.")
 def inspect(model: str, weights: str | None, task: str | None, input_shape: str | None, device: str,
-            decomposition: str, spectrum: bool, plot: str) -> None:
-    source, task_obj = _load(model, weights, task, device)
+            trust_source: bool, decomposition: str, spectrum: bool, plot: str) -> None:
+    source, task_obj = _load(model, weights, task, device, trust_source)
     inputs = _example_inputs(source, task_obj, input_shape)
     try:
         if spectrum:
@@ -216,7 +221,8 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--force", is_flag=True, help="Allow a non-empty --out directory and an existing --report file.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, device: str, select: str,
+def compress(model: str, weights: str | None, task: str | None, input_shape: str | None, device: str,
+             trust_source: bool, select: str,
              target: str | None, calibration_samples: int, batch_size: int, probe_samples: int | None,
              confidence: float, reexpansions: int, tolerance: float, recalibrate: bool | None, decomposition: str,
              ignore: tuple[str, ...], round_to: int, latency_guard: bool, split: str, cache_dir: str | None,
@@ -224,7 +230,7 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
              progress: bool) -> None:
     main_process = Group.current().is_main  # under torchrun, the others only share the work
     progress = progress and main_process
-    source, task_obj = _load(model, weights, task, device)
+    source, task_obj = _load(model, weights, task, device, trust_source)
     try:
         selector = _selector(select, target, calibration_samples, batch_size, probe_samples, confidence,
                              reexpansions, tolerance, recalibrate, progress)
@@ -309,9 +315,10 @@ def _given(option: str) -> bool:
 @_weights_option
 @_task_option
 @_device_option
+@_trust_option
 @click.option("--split", default="test", show_default=True)
-def evaluate(model: str, weights: str | None, task: str | None, device: str, split: str) -> None:
-    source, task_obj = _load(model, weights, task, device)
+def evaluate(model: str, weights: str | None, task: str | None, device: str, trust_source: bool, split: str) -> None:
+    source, task_obj = _load(model, weights, task, device, trust_source)
     if task_obj is None:
         _fail("this model has no default task: pass --task")
     try:
@@ -329,18 +336,21 @@ def evaluate(model: str, weights: str | None, task: str | None, device: str, spl
 @click.option("--select", default="fixed:0.5", show_default=True, help="Selector when MODEL is not a saved directory.")
 @click.option("--batch", "batches", multiple=True, type=int, default=(1, 32), show_default=True)
 @click.option("--repeats", default=20, show_default=True, type=int)
-def bench(model: str, weights: str | None, task: str | None, input_shape: str | None, device: str, select: str,
-          batches: tuple[int, ...], repeats: int) -> None:
-    source, task_obj = _load(model, weights, task, device)
+def bench(model: str, weights: str | None, task: str | None, input_shape: str | None, device: str,
+          trust_source: bool, select: str, batches: tuple[int, ...], repeats: int) -> None:
+    source, task_obj = _load(model, weights, task, device, trust_source)
     inputs = _example_inputs(source, task_obj, input_shape)
     if inputs is None:
         _fail("no example inputs: pass --task or --input-shape")
     try:
         if source.checkpoint is not None:
-            original, compressed = build_source_model(source.spec).to(device), source.model
+            spec = recorded_spec(source.checkpoint, read_plan(source.checkpoint), "source", trust_source)
+            if spec is None:
+                raise CheckpointError(f"{source.checkpoint} records no source model to time against")
+            original, compressed = build_source_model(spec).to(device), source.model
         else:
             original = source.model
-            compressed, _ = compress_model(original, select, example_inputs=inputs, progress=False)
+            compressed, _ = compress_model(original, select, task=task_obj, example_inputs=inputs, progress=False)
     except (ValueError, CheckpointError) as error:
         _fail(str(error))
     results = compare_latency({"original": original, "compressed": compressed}, inputs, tuple(batches), repeats)

@@ -97,9 +97,14 @@ def build_source_model(spec: str) -> nn.Module:
                      "directory, a Hugging Face model directory, or 'package.module:factory'")
 
 
-def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
-    """Resolve a MODEL argument; ``weights`` (a .safetensors file) loads into a ``module:factory`` model."""
-    from rankcut.checkpoint import PLAN_FILE, load, read_plan
+def resolve_model(spec: str, weights: str | None = None, *, trust_source: bool = False,
+                  task_given: bool = False) -> ModelSource:
+    """Resolve a MODEL argument; ``weights`` (a .safetensors file) loads into a ``module:factory`` model.
+
+    A saved directory's recorded ``module:function`` source or task is imported only with ``trust_source``
+    (see ``rankcut.load``); its task is not looked up when the caller gives one (``task_given``).
+    """
+    from rankcut.checkpoint import PLAN_FILE, load, read_plan, recorded_spec
 
     path = Path(spec)
     if path.is_dir() and not (path / PLAN_FILE).is_file() and hf.is_hf_dir(path):
@@ -110,10 +115,14 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
         if not (path / PLAN_FILE).is_file():
             raise ValueError(f"{path} is a directory but neither a rankcut checkpoint ({PLAN_FILE} missing) nor a "
                              f"Hugging Face model ({hf.CONFIG_FILE} missing)")
+        if weights is not None:
+            raise ValueError(f"--weights is for 'module:factory' models; the saved directory {path} has its own "
+                             "weights")
         plan = read_plan(path)
-        task_name = plan.meta.get("task")
-        return ModelSource(load(path), plan.meta.get("source", ""), resolve_task(task_name) if task_name else None,
-                           path)
+        task_name = None if task_given else recorded_spec(path, plan, "task", trust_source)
+        source = plan.meta.get("source")  # checked by ``recorded_spec`` wherever it is built
+        return ModelSource(load(path, trust_source=trust_source), source if isinstance(source, str) else "",
+                           resolve_task(task_name) if task_name else None, path)
     model = build_source_model(spec)
     if weights is not None:
         from safetensors.torch import load_model
