@@ -150,6 +150,26 @@ def test_a_cache_hit_gives_the_plan_of_a_run_without_the_cache(tmp_path):
         cached_before.add(mode)
 
 
+def test_the_cache_keys_the_statistics_by_each_layers_basis(tmp_path):
+    """Statistics are taken in each layer's basis: an svd run's cache entry is not a whitened-svd run's (whose
+    key also holds the inputs' Gram matrices)."""
+    task = ToyTask()
+
+    def plan(decomposition: str, cache_dir):
+        chosen = LossAware("compact", calibration_samples=64, batch_size=16, progress=False)
+        return rankcut.compress(cnn_factory(), chosen, task=task, cache_dir=cache_dir, decomposition=decomposition,
+                                progress=False)[1].plan
+
+    def layers(made) -> list:
+        return [(layer.rank, layer.components, layer.reason) for layer in made.layers]
+
+    assert plan("svd", tmp_path).meta["selection"]["statistics_cache"] == "miss"
+    cached = plan("whitened-svd", tmp_path)
+    assert cached.meta["selection"]["statistics_cache"] == "miss"
+    assert layers(cached) == layers(plan("whitened-svd", None))
+    assert plan("whitened-svd", tmp_path).meta["selection"]["statistics_cache"] == "hit"
+
+
 def regression_task(loss) -> LoaderTask:
     generator = torch.Generator().manual_seed(4)
     batches = [(torch.randn(16, 64, generator=generator), torch.randn(16, 10, generator=generator)) for _ in range(4)]

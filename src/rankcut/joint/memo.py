@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rankcut.cache import DiskCache, digest
+from rankcut.inventory import Candidate
 from rankcut.joint.statistics import ComponentStats
 from rankcut.layers import Rank
 
@@ -38,12 +39,17 @@ def _leaves(value: Any) -> Iterator[torch.Tensor | str]:
         yield repr(value)
 
 
-def statistics_key(model: nn.Module, names: Sequence[str], batches: Sequence[Any], settings: str) -> str:
-    """The cache key of one model's statistics on these batches with these selector settings."""
+def statistics_key(model: nn.Module, candidates: Sequence[Candidate], batches: Sequence[Any], settings: str) -> str:
+    """The cache key of one model's statistics on these batches with these selector settings.
+
+    The statistics are taken in each layer's basis, so the key holds what the basis is made from besides the
+    weights: the layer's decomposition and, for one that whitens by the inputs, its inputs' Gram matrix."""
     tensors = [t for t in model.state_dict().values() if isinstance(t, torch.Tensor)]
     leaves = [leaf for batch in batches for leaf in _leaves(batch)]
     tensors += [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    return digest(tensors, settings, *names, *(leaf for leaf in leaves if isinstance(leaf, str)))
+    tensors += [c.store.input_grams[c.name] for c in candidates if c.decomposition.needs_inputs]
+    layers = [f"{c.name}={c.decomposition.name}" for c in candidates]
+    return digest(tensors, settings, *layers, *(leaf for leaf in leaves if isinstance(leaf, str)))
 
 
 def load(disk: DiskCache, key: str, baseline: float, paths: Mapping[str, tuple[Rank, ...]]

@@ -212,7 +212,7 @@ class LossAware(Selector):
                     else BatchNormRecalibration(self.model, probe_batches, self.task.loss))
         paths = {c.name: self._path(c, policy) for c in candidates if not isinstance(c.basis(), Spectrum)}
         disk = candidates[0].store.disk if candidates else None
-        key = (memo.statistics_key(self.model, [c.name for c in candidates], batches,
+        key = (memo.statistics_key(self.model, candidates, batches,
                                    f"{self.probe_samples}/{self.order}/{self.recalibrate}/{sorted(paths.items())}")
                if disk is not None else "")
         # a cache entry is checked against the calibration loss: the probe measures it first
