@@ -167,3 +167,20 @@ def test_nan_in_saved_weights_is_refused(tmp_path):
     (tmp_path / "out" / PLAN_FILE).write_text(json.dumps(plan))
     with pytest.raises(CheckpointError, match="NaN or Inf"):
         rankcut.load(tmp_path / "out", model=cnn_factory())
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda plan: plan["layers"][0].update(rank=True), r"field 'rank' must be null, an integer or a list"),
+    (lambda plan: plan["layers"][0].update(decomposition=5), "field 'decomposition' must be a string"),
+    (lambda plan: plan["layers"][0].pop("groups"), r"lacks the fields \['groups'\]"),
+    (lambda plan: plan.update(meta=[]), "'meta' \\(an object\\)"),
+    (lambda plan: plan["layers"].append(plan["layers"][0]), "more than once"),
+])
+def test_plan_fields_of_the_wrong_type_are_refused_by_name(saved, edit, message):
+    _, out = saved
+    plan = json.loads((out / PLAN_FILE).read_text())
+    edit(plan)
+    (out / PLAN_FILE).write_text(json.dumps(plan))
+    with pytest.raises(CheckpointError, match=message):
+        rankcut.load(out, model=cnn_factory())
+

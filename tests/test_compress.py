@@ -238,3 +238,26 @@ def test_frozen_layers_stay_frozen_in_their_factors(cnn, decomposition):
     head = compressed.head[1]
     assert all(m.weight.requires_grad for m in head) and not head[-1].bias.requires_grad
     assert all(p.requires_grad for p in compressed.stem.parameters())
+
+
+def test_arguments_of_the_wrong_kind_are_refused_by_name(cnn):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
+        rankcut.compress("resnet20", "fixed:0.5", progress=False)
+    with pytest.raises(TypeError, match="plan must be a rankcut Plan"):
+        rankcut.apply(cnn, rankcut.make_plan(cnn).to_dict())
+    with pytest.raises(TypeError, match=r"decomposition must be a name .* got 3"):
+        rankcut.compress(cnn, "fixed:0.5", decomposition=3, progress=False)
+    with pytest.raises(ValueError, match="round_to must be a positive integer, got True"):
+        rankcut.compress(cnn, "fixed:0.5", round_to=True, progress=False)
+    with pytest.raises(ValueError, match="ignore: '' names no layer"):
+        rankcut.compress(cnn, "fixed:0.5", ignore=[""], progress=False)
+    with pytest.raises(ValueError, match="on the meta device"):
+        rankcut.compress(nn.Sequential(nn.Linear(8, 8, device="meta")), "fixed:0.5", progress=False)
+
+
+def test_ignore_takes_one_name_as_a_string(cnn):
+    """A string is one entry, not a sequence of one-character names."""
+    _, report = rankcut.compress(cnn, "fixed:0.5", ignore="head", progress=False)
+    assert not report.plan["head.1"].factorized and "ignored by request" in report.plan["head.1"].reason
+    assert report.plan["down"].factorized
+

@@ -736,6 +736,16 @@ def test_a_probe_that_breaks_the_numerics_names_its_layer():
         rankcut.compress(model, "lossless:params=0.5", data=data, progress=False)
 
 
+@pytest.mark.parametrize("select", ["compact", "lossless:params=0.5"])
+def test_loss_aware_selectors_leave_a_model_with_nothing_to_factorize_as_it_is(select):
+    task = PlantedTask()
+    model = task.build_model()
+    compressed, report = rankcut.compress(model, select, task=task, ignore=["Linear"], progress=False)
+    assert not report.plan.factorized()
+    x = task.inputs["test"]
+    torch.testing.assert_close(compressed(x), model(x), rtol=0, atol=0)
+
+
 class FragileTask(PlantedTask):
     """Validation breaks (nan) as soon as the first layer's weight differs from the original's."""
 

@@ -235,6 +235,12 @@ def test_pipeline_refuses_changed_settings_and_inconsistent_ones(tmp_path) -> No
     (["mnist", "--model", "resnet20", "--epochs", "1"], "knows the task 'fashion-mnist'"),
     (["fashion-mnist", "--model", "resnet20", "--epochs", "1", "--orth", "1e-3"], "add --overparam"),
     (["fashion-mnist", "--model", "resnet20", "--epochs", "1", "--overparam", "0.5"], "width factor ≥ 1"),
+    # found before training, not after it: a typo then would strand the trained model behind its settings
+    (["fashion-mnist", "--model", "resnet20", "--epochs", "1", "--select", "bogus"], "--select: unknown selector"),
+    (["fashion-mnist", "--model", "resnet20", "--epochs", "1", "--decomposition", "cp"],
+     "--decomposition: unknown decomposition 'cp'"),
+    (["fashion-mnist", "--model", "resnet20", "--epochs", "1", "--round-to", "0"], "--round-to must be ≥ 1"),
+    (["fashion-mnist", "--model", "resnet20", "--epochs", "1", "--batch-size", "0"], "--batch-size and"),
 ])
 def test_cli_train_refuses_bad_settings(tmp_path, args: list[str], message: str) -> None:
     from click.testing import CliRunner
@@ -243,3 +249,4 @@ def test_cli_train_refuses_bad_settings(tmp_path, args: list[str], message: str)
 
     result = CliRunner().invoke(main, ["train", *args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -83,6 +84,7 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
     ``torchrun`` the processes share the work and all reach this same plan. A decomposition that whitens by
     the inputs (``whitened-svd``) reads them on ``task``'s first ``whitening_samples`` calibration samples.
     """
+    _require_module(model)
     _refuse_compressed(model)
     selector = _selector(select, progress)
     if task is not None:
@@ -113,6 +115,11 @@ def make_plan(model: nn.Module, select: str | Selector = "fixed:0.5", *, example
     if getattr(selector, "summary", None):
         meta["selection"] = selector.summary
     return Plan(layers, selector.spec, meta)
+
+
+def _require_module(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _refuse_compressed(model: nn.Module) -> None:
@@ -240,6 +247,10 @@ def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool
 
     A plan with ``whitened-svd`` layers needs their calibration inputs: pass the ``task`` it was made with.
     """
+    _require_module(model)
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a rankcut Plan (rankcut.Plan.from_json(text) or rankcut.read_plan(dir) read "
+                        f"one), got {type(plan).__name__}")
     inventory = inventory or scan(model)
     candidates = {c.name: c for c in inventory.candidates}
     _check_plan_matches(plan, candidates)
@@ -292,6 +303,7 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     ``LossAware(recalibrate=)``. ``decomposition="whitened-svd"`` truncates each layer where its outputs on
     the task's first ``whitening_samples`` calibration samples change least (SVD-LLM's whitening).
     """
+    _require_module(model)
     if data is not None and task is not None and data is not task:
         raise ValueError("pass the task either as task= or as data=, not both")
     argument = "task" if task is not None else "data"

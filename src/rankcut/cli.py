@@ -52,7 +52,12 @@ def _example_inputs(source: ModelSource, task: Task | None, input_shape: str | N
             shape = [int(part) for part in input_shape.split(",")]
         except ValueError:
             _fail(f"--input-shape must be integers separated by commas, e.g. 1,3,32,32; got {input_shape!r}")
-        return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        if min(shape) < 1:
+            _fail(f"--input-shape sizes must be ≥ 1, e.g. 1,3,32,32; got {input_shape!r}")
+        try:
+            return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        except RuntimeError as error:  # e.g. more memory than the machine has
+            _fail(f"--input-shape {input_shape}: cannot make a random input of that shape ({error})")
     task = task or source.task
     if task is not None:
         return task.example_inputs()
@@ -334,8 +339,8 @@ def evaluate(model: str, weights: str | None, task: str | None, device: str, tru
                    "--select.")
 @_model_options
 @click.option("--select", default="fixed:0.5", show_default=True, help="Selector when MODEL is not a saved directory.")
-@click.option("--batch", "batches", multiple=True, type=int, default=(1, 32), show_default=True)
-@click.option("--repeats", default=20, show_default=True, type=int)
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), default=(1, 32), show_default=True)
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1))
 def bench(model: str, weights: str | None, task: str | None, input_shape: str | None, device: str,
           trust_source: bool, select: str, batches: tuple[int, ...], repeats: int) -> None:
     source, task_obj = _load(model, weights, task, device, trust_source)

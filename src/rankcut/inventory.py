@@ -15,7 +15,7 @@ from rankcut.layers import Decomposition, Factorized, LayerInfo, describe_layer,
 from rankcut.layers.info import kernel_of
 from rankcut.tasks.base import ModelInputs, run_example
 
-IgnoreSpec = Sequence[str | type[nn.Module]]
+IgnoreSpec = Sequence[str | type[nn.Module]] | str | type[nn.Module]
 DecompositionSpec = str | Mapping[str, str]
 
 
@@ -39,6 +39,9 @@ class Candidate:
         decomposition = decomposition or self.decomposition
         if decomposition.name not in self.bases:
             kernel = kernel_of(self.module, self.info)
+            if kernel.is_meta:
+                raise ValueError(f"layer {self.name!r} is on the meta device (no values): load the weights first, "
+                                 "e.g. model.to_empty(device='cpu') then load_state_dict, or from_pretrained")
             if not torch.isfinite(kernel).all():
                 raise ValueError(f"layer {self.name!r} has NaN or Inf weights; fix the model before compressing")
             self.bases[decomposition.name] = self.store.basis(self.info, decomposition, kernel)
@@ -75,6 +78,9 @@ def resolve_decomposition(spec: DecompositionSpec, info: LayerInfo) -> Decomposi
         name = spec.get(info.name) or spec.get(info.kind) or spec.get("default", "auto")
     else:
         name = spec
+    if not isinstance(name, str):
+        raise TypeError(f"decomposition must be a name (svd, tucker2, whitened-svd or auto) or a mapping of layer "
+                        f"names or kinds to names, got {name!r} for layer {info.name!r}")
     if name == "auto":
         name = "tucker2" if info.is_conv and info.kernel_volume > 1 and info.in_per_group > 1 else "svd"
     try:
@@ -126,10 +132,16 @@ def _parametrized_reason(module: nn.Module) -> str:
 
 def _ignore_matcher(model: nn.Module, ignore: IgnoreSpec) -> tuple[set[str], tuple[type, ...]]:
     """Split ``ignore`` into module names and module types, refusing entries that match nothing."""
+    if ignore is None:
+        ignore = ()
+    if isinstance(ignore, (str, type)):  # one entry, not a sequence of characters
+        ignore = (ignore,)
     names = dict(model.named_modules())
     type_names = {type(m).__name__ for m in names.values()}
     ignored_names, ignored_types = set(), []
     for entry in ignore:
+        if entry == "":
+            raise ValueError("ignore: '' names no layer (it is the whole model's name); give layer names or types")
         if isinstance(entry, type):
             ignored_types.append(entry)
         elif entry in names:

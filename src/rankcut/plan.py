@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 from rankcut.layers import Rank
@@ -51,15 +51,53 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerPlan:
+        """An entry read from JSON, each field checked for its type (a hand-edited or hostile plan.json)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"plan entries must be objects, got {type(data).__name__}")
         data = dict(data)
+        name = data.get("name")
         for key in ("rank", "max_rank"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known
+        unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"plan entry {data.get('name')!r} has unknown fields {sorted(unknown)}")
+            raise ValueError(f"plan entry {name!r} has unknown fields {sorted(unknown)}")
+        required = [key for key, spec in cls.__dataclass_fields__.items()
+                    if spec.default is MISSING and spec.default_factory is MISSING]
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise ValueError(f"plan entry {name!r} lacks the fields {missing}")
+        for key, value in data.items():
+            if not _FIELD_CHECKS[key](value):
+                raise ValueError(f"plan entry {name!r}: field {key!r} must be {_FIELD_TYPES[key]}, got {value!r}")
         return cls(**data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_rank(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, tuple) and bool(value) and all(map(_is_int, value)))
+
+
+_FIELD_TYPES = {
+    "name": "a string", "kind": "a string", "decomposition": "a string", "reason": "a string",
+    "weight_shape": "a list of integers", "groups": "an integer", "rank": "null, an integer or a list of integers",
+    "max_rank": "an integer or a list of integers", "params_before": "an integer", "params_after": "an integer",
+    "supported": "true or false", "macs_before": "an integer", "macs_after": "an integer",
+    "relative_error": "null or a number", "components": "null or a list",
+}
+_FIELD_CHECKS = {
+    "name": lambda v: isinstance(v, str), "kind": lambda v: isinstance(v, str),
+    "decomposition": lambda v: isinstance(v, str), "reason": lambda v: isinstance(v, str),
+    "weight_shape": lambda v: isinstance(v, list) and all(map(_is_int, v)), "groups": _is_int,
+    "rank": lambda v: v is None or _is_rank(v), "max_rank": _is_rank,
+    "params_before": _is_int, "params_after": _is_int, "supported": lambda v: isinstance(v, bool),
+    "macs_before": _is_int, "macs_after": _is_int,
+    "relative_error": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "components": lambda v: v is None or isinstance(v, list),
+}
 
 
 @dataclass
@@ -91,7 +129,16 @@ class Plan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"not a rankcut plan (format {found!r}, expected {PLAN_FORMAT!r})")
-        return cls([LayerPlan.from_dict(entry) for entry in data["layers"]], data["selector"], data.get("meta", {}))
+        layers, selector, meta = data.get("layers"), data.get("selector"), data.get("meta", {})
+        if not isinstance(layers, list) or not isinstance(selector, str) or not isinstance(meta, dict):
+            raise ValueError("a plan needs 'layers' (a list), 'selector' (a string) and, if any, 'meta' (an object); "
+                             f"got {type(layers).__name__}, {type(selector).__name__} and {type(meta).__name__}")
+        entries = [LayerPlan.from_dict(entry) for entry in layers]
+        names = [entry.name for entry in entries]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"plan lists layers {repeated} more than once")
+        return cls(entries, selector, meta)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:

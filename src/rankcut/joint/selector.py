@@ -175,6 +175,9 @@ class LossAware(Selector):
     def choose(self, candidates: Sequence[Candidate], policy: RankPolicy) -> dict[str, Choice]:
         if self.model is None or self.task is None:
             raise ValueError(f"{self.spec} measures the model's loss: pass a task (task=... or --task) to compress")
+        self.summary, self._recalibration = {}, None
+        if not candidates:  # every layer ignored or unsupported: nothing to measure, the model stays as it is
+            return {}
         for candidate in candidates:
             if not candidate.decomposition.supports_components:
                 raise ValueError(f"{self.spec}: layer {candidate.name!r} uses {candidate.decomposition.name}; the "

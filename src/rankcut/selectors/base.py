@@ -42,7 +42,7 @@ class RankPolicy:
         default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.round_to, int) or self.round_to < 1:
+        if not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or self.round_to < 1:
             raise ValueError(f"round_to must be a positive integer, got {self.round_to!r}")
 
     def rounded(self, candidate: Candidate, rank: Rank) -> Rank:

@@ -23,8 +23,10 @@ from rankcut.api import compress as compress_model
 from rankcut.checkpoint import atomic_write, load, save, write_text_atomic
 from rankcut.counting import count_params
 from rankcut.devices import usable_device
+from rankcut.layers import get_decomposition
 from rankcut.models import CNN_MODELS
 from rankcut.plan import format_table
+from rankcut.selectors import parse_selector
 from rankcut.tasks.fashion_mnist import DEFAULT_DATA_DIR, FashionMNISTTask
 from rankcut.training.loop import one_cycle, sgd, train_epoch
 from rankcut.training.overparam import collapse, overparameterize
@@ -66,8 +68,22 @@ class TrainConfig:
             raise ValueError("--orth and --sparsity regularize over-parameterized factors: add --overparam (e.g. 2)")
         if self.orth < 0 or self.sparsity < 0:
             raise ValueError("--orth and --sparsity must be ≥ 0")
+        if self.batch_size < 1 or self.round_to < 1:
+            raise ValueError(f"--batch-size and --round-to must be ≥ 1, got {self.batch_size} and {self.round_to}")
+        if not self.lr > 0 or not self.finetune_lr > 0:
+            raise ValueError(f"--lr and --finetune-lr must be > 0, got {self.lr} and {self.finetune_lr}")
         if self.train_subset is not None and self.train_subset < self.batch_size:
             raise ValueError(f"--train-subset must be at least the batch size ({self.batch_size})")
+        # checked before training, not after it: a typo found then would strand the trained model
+        try:
+            parse_selector(self.select)
+        except ValueError as error:
+            raise ValueError(f"--select: {error}") from None
+        if self.decomposition != "auto":
+            try:
+                get_decomposition(self.decomposition)
+            except ValueError as error:
+                raise ValueError(f"--decomposition: {error}, or auto") from None
 
 
 def _fresh_model(config: TrainConfig) -> nn.Module:
