@@ -100,6 +100,9 @@ def test_module_specs_import_from_the_working_directory(tmp_path, monkeypatch):
      "--device: device 'meta' holds shapes, not values"),
     (["train", "fashion-mnist", "--model", "resnet20", "--epochs", "1", "--device", "gpu", "--out", "never-made"],
      "device 'gpu' is not a device name"),
+    (["compress", "toy_models:cnn_factory", "--input-shape", "-1,3,16,16"], "--input-shape sizes must be ≥ 1"),
+    (["bench", *TOY, "--repeats", "0"], "Invalid value for '--repeats'"),
+    (["bench", *TOY, "--batch", "0"], "Invalid value for '--batch'"),
 ])
 def test_clear_errors(args, message):
     result = run(*args)
@@ -184,6 +187,25 @@ def test_report_never_overwrites_an_input(tmp_path):
     assert existing.read_text() == "{}"
     assert run("compress", *TOY, "--report", str(existing), "--force", "--no-progress").exit_code == 0
     assert json.loads(existing.read_text())["selector"] == "fixed:0.5"
+
+
+def test_a_saved_directory_refuses_other_weights(tmp_path):
+    from safetensors.torch import save_model
+
+    from toy_models import cnn_factory
+
+    out, weights = tmp_path / "out", tmp_path / "net.safetensors"
+    assert run("compress", *TOY, "--out", str(out), "--no-progress").exit_code == 0
+    save_model(cnn_factory(), str(weights))
+    result = run("eval", str(out), "--weights", str(weights), "--task", "toy_models:toy_task")
+    assert result.exit_code == 2 and "has its own weights" in result.output
+
+
+def test_bench_gives_its_task_to_a_loss_aware_selector():
+    """The toy task holds 64 calibration images, fewer than lossless's default 512: the selector reads them."""
+    result = run("bench", "toy_models:cnn_factory", "--task", "toy_models:toy_task", "--select", "lossless:params=0.5",
+                 "--repeats", "2", "--batch", "1")
+    assert "pass task=" not in result.output and "hold no samples (asked for 512)" in result.output, result.output
 
 
 def test_a_saved_compressed_model_is_not_compressed_again(tmp_path):
