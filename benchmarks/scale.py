@@ -38,7 +38,7 @@ def run(label: str, command: list[str], processes: int = 1) -> dict:
     for ``rankcut compress``, also the factorizable params kept and the report's basis counts."""
     report = Path(tempfile.mkstemp(suffix=".json")[1])
     if "compress" in command:
-        command = [*command, "--report", str(report)]
+        command = [*command, "--report", str(report), "--force"]  # the temporary file exists already
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, *launcher, *command],

@@ -184,3 +184,22 @@ def test_plan_fields_of_the_wrong_type_are_refused_by_name(saved, edit, message)
     with pytest.raises(CheckpointError, match=message):
         rankcut.load(out, model=cnn_factory())
 
+
+def test_a_refused_load_keeps_the_plan_the_model_carried(tmp_path):
+    compressed, _ = rankcut.compress(cnn_factory(), "fixed:0.5", progress=False)
+    out = rankcut.save(compressed, tmp_path / "out")
+    other, _ = rankcut.compress(cnn_factory(), "fixed:0.3", progress=False)
+    before = rankcut.plan_of(other)
+    with pytest.raises(ValueError, match="plan does not fit this model"):
+        rankcut.load(out, model=other)  # a compressed model is not the architecture the plan was made for
+    assert rankcut.plan_of(other) is before
+
+
+def test_a_module_spec_is_told_from_a_path_with_a_colon(tmp_path):
+    from rankcut.sources import is_module_spec
+
+    assert is_module_spec("toy_models:cnn_factory") and is_module_spec("pkg.sub:make_net")
+    folder = tmp_path / "hf:v1"
+    folder.mkdir()
+    assert not is_module_spec(str(folder)) and not is_module_spec("C:/models/net") and not is_module_spec("a:b:c")
+

@@ -2,10 +2,12 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+import rankcut
 from rankcut.cli import main
 
 from toy_models import needs_fashion_mnist
@@ -66,7 +68,9 @@ def test_compress_refuses_unsafe_outputs(tmp_path):
     assert run("compress", *TOY, "--out", str(out), "--force", "--no-progress").exit_code == 0
     onto_itself = run("compress", str(out), "--input-shape", "2,3,16,16", "--out", str(out), "--force",
                       "--trust-source")
-    assert onto_itself.exit_code == 2 and "holds the input" in onto_itself.output
+    assert onto_itself.exit_code == 2
+    assert "is already compressed: compress its original instead (rankcut compress toy_models:cnn_factory" in (
+        onto_itself.output)
 
 
 def test_module_specs_import_from_the_working_directory(tmp_path, monkeypatch):
@@ -169,16 +173,20 @@ def test_report_never_overwrites_an_input(tmp_path):
     assert run("compress", *TOY, "--out", str(out), "--no-progress").exit_code == 0
     saved = {path.name: path.read_bytes() for path in out.iterdir()}
     factory = sys.modules["toy_models"].__file__
+    package = Path(rankcut.__file__).parent  # the zoo's committed weights live there
     refused = {  # report path -> why
-        str(out / "plan.json"): "lies inside the input",  # a saved directory given as MODEL
         str(tmp_path / "new" / "model.safetensors"): "lies inside --out",  # the run's own checkpoint
         factory: "it is the input",  # the module:factory's source file
+        str(package / "weights" / "report.json"): "lies inside the input",
+        str(tmp_path / "missing" / "report.json"): "does not exist; create it first",
     }
     for report, why in refused.items():
-        model = str(out) if why == "lies inside the input" else "toy_models:cnn_factory"
-        result = run("compress", model, "--input-shape", "2,3,16,16", "--out", str(tmp_path / "new"),
-                     "--report", report, "--force", "--no-progress", "--trust-source")
+        result = run("compress", *TOY, "--out", str(tmp_path / "new"), "--report", report, "--force",
+                     "--no-progress")
         assert result.exit_code == 2 and why in result.output, (report, result.output)
+    plot = run("inspect", str(out), "--input-shape", "2,3,16,16", "--spectrum", "--plot", str(out / "s.png"),
+               "--trust-source")  # a saved directory given as MODEL
+    assert plot.exit_code == 2 and "lies inside the input" in plot.output
     assert {path.name: path.read_bytes() for path in out.iterdir()} == saved
     existing = tmp_path / "old.json"
     existing.write_text("{}")
@@ -187,6 +195,22 @@ def test_report_never_overwrites_an_input(tmp_path):
     assert existing.read_text() == "{}"
     assert run("compress", *TOY, "--report", str(existing), "--force", "--no-progress").exit_code == 0
     assert json.loads(existing.read_text())["selector"] == "fixed:0.5"
+
+
+@needs_fashion_mnist
+def test_a_recorded_task_that_is_not_trusted_is_left_out_until_needed(tmp_path):
+    """A zoo source saved with a module:function task: inspect needs no task; eval and bench say why it is out."""
+    out = tmp_path / "out"
+    assert run("compress", "resnet20", "--split", "none", "--out", str(out), "--no-progress").exit_code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    plan["meta"]["task"] = "toy_models:toy_task"
+    (out / "plan.json").write_text(json.dumps(plan))
+    assert run("inspect", str(out), "--input-shape", "1,1,28,28").exit_code == 0
+    why = "its plan.json names the task 'toy_models:toy_task', which is imported only with --trust-source"
+    evaluated = run("eval", str(out))
+    assert evaluated.exit_code == 2 and "no default task: pass --task" in evaluated.output and why in evaluated.output
+    bench = run("bench", str(out), "--repeats", "2", "--batch", "1")
+    assert bench.exit_code == 2 and "no example inputs" in bench.output and why in bench.output
 
 
 def test_a_saved_directory_refuses_other_weights(tmp_path):

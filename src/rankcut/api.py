@@ -304,6 +304,7 @@ def compress(model: nn.Module, select: str | Selector = "fixed:0.5", *, task: Ta
     the task's first ``whitening_samples`` calibration samples change least (SVD-LLM's whitening).
     """
     _require_module(model)
+    _refuse_compressed(model)  # before the original's evaluation, which may take a while
     if data is not None and task is not None and data is not task:
         raise ValueError("pass the task either as task= or as data=, not both")
     argument = "task" if task is not None else "data"

@@ -155,20 +155,21 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
     model.load_state_dict({key: state[stored[key]] for key in expected}, strict=True)
 
 
-def recorded_spec(directory: Path, plan: Plan, field: str, trust_source: bool) -> str | None:
-    """``plan.meta[field]`` (the ``source`` model or the ``task``), checked: importing a ``module:function`` runs
-    that module's code, so a spec read from a checkpoint is used only when its owner trusts it."""
-    spec = plan.meta.get(field)
+def checked_spec(spec: Any, directory: Path, field: str, trust_source: bool) -> str | None:
+    """A checkpoint's recorded ``source`` model or ``task`` (``plan.meta[field]``), checked: importing a
+    ``module:function`` runs that module's code, so one read from a checkpoint is used only on trust."""
+    from rankcut.sources import is_module_spec  # sources builds models; it imports this module
+
     if spec is None or spec == "":
         return None
     if not isinstance(spec, str):
         raise CheckpointError(f"{directory / PLAN_FILE}: meta.{field} must be a string, got {type(spec).__name__}")
-    if ":" in spec and not trust_source:
+    if is_module_spec(spec) and not trust_source:
         instead = ("pass model= (an uncompressed instance you build)" if field == "source"
-                   else "pass the task yourself (task=..., --task)")
+                   else "pass the task yourself (task=... in Python, --task on the command line)")
         raise CheckpointError(f"{directory / PLAN_FILE} names the {field} {spec!r}: importing it would run that "
-                              f"module's code; {instead}, or trust_source=True (--trust-source) if you trust this "
-                              "checkpoint")
+                              f"module's code; {instead}, or, if you trust this checkpoint, trust_source=True in "
+                              "Python, --trust-source on the command line")
     return spec
 
 
@@ -192,32 +193,38 @@ def load(checkpoint_dir: str | os.PathLike, model: nn.Module | None = None, *,
     """
     directory = Path(checkpoint_dir)
     plan = read_plan(directory)
+    for field in ("architecture", "weights_sha256"):
+        if not isinstance(plan.meta.get(field, ""), str):
+            raise CheckpointError(f"{directory / PLAN_FILE}: meta.{field} must be a string, got "
+                                  f"{type(plan.meta[field]).__name__}")
     if model is None and plan.meta.get("format") == hf.FORMAT:
         model = hf.build_from_config(directory, plan.meta.get("architecture"))
     if model is None:
         from rankcut.sources import build_source_model  # a saved source is only needed on this path
 
-        source = recorded_spec(directory, plan, "source", trust_source)
+        source = checked_spec(plan.meta.get("source"), directory, "source", trust_source)
         if source is None:
             raise CheckpointError(f"{directory} records no source model; pass model= (an uncompressed instance)")
         model = build_source_model(source)
     path = _weights_path(directory, plan)
     state = _read_weights(path, plan.meta.get("weights_sha256"))
-    dense = dict(model.named_modules())
+    modules, attached = dict(model.named_modules()), getattr(model, PLAN_ATTRIBUTE, None)
     try:
         build_skeleton(model, plan)
         _load_state(model, state, path)
     except BaseException:
-        _restore(model, dense)
+        _restore(model, modules, attached)
         raise
     return model.eval()
 
 
-def _restore(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Put back the modules a failed load replaced (by name, shallowest first), and drop the plan it attached."""
+def _restore(model: nn.Module, modules: dict[str, nn.Module], plan: Plan | None) -> None:
+    """Put back the modules a failed load replaced (by name, shallowest first) and the plan the model carried."""
     for name in sorted(modules, key=lambda name: name.count(".")):
         if name and model.get_submodule(name) is not modules[name]:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, modules[name])
-    if hasattr(model, PLAN_ATTRIBUTE):
+    if plan is not None:
+        setattr(model, PLAN_ATTRIBUTE, plan)
+    elif hasattr(model, PLAN_ATTRIBUTE):
         delattr(model, PLAN_ATTRIBUTE)

@@ -13,7 +13,7 @@ from click.core import ParameterSource
 from rankcut import hf
 from rankcut.api import compress as compress_model
 from rankcut.api import gather_inputs
-from rankcut.checkpoint import CheckpointError, prepare_output_dir, read_plan, recorded_spec, save, write_text_atomic
+from rankcut.checkpoint import CheckpointError, checked_spec, prepare_output_dir, save, write_text_atomic
 from rankcut.counting import count_macs, count_params
 from rankcut.devices import usable_device
 from rankcut.distributed import Group, init_from_environment
@@ -24,8 +24,8 @@ from rankcut.latency import compare_latency
 from rankcut.plan import format_table
 from rankcut.report import describe_other_modules
 from rankcut.selectors import EXAMPLES, Selector, parse_selector
-from rankcut.sources import ZOO, ModelSource, build_source_model, resolve_model, resolve_task
-from rankcut.spectrum_report import spectrum_report
+from rankcut.sources import ZOO, ModelSource, build_source_model, is_module_spec, resolve_model, resolve_task
+from rankcut.spectrum_report import check_plot_path, spectrum_report
 from rankcut.tasks.base import (
     BATCH_SIZE,
     CALIBRATION_SAMPLES,
@@ -80,13 +80,22 @@ def _load(model: str, weights: str | None, task: str | None, device: str,
 
 
 def _inputs_of(model: str, task: str | None, source: ModelSource, weights: str | None) -> tuple[Path, ...]:
-    """Every file or directory a command reads its model and task from: never a place to write into."""
-    paths = [p for p in (source.checkpoint, weights, source.files_dir) if p]
+    """Every file or directory a command reads its model and task from: never a place to write into. rankcut's
+    own package folder is one (the zoo's committed weights live there)."""
+    paths = [p for p in (source.checkpoint, weights, source.files_dir, Path(__file__).resolve().parent) if p]
     for spec in (model, task):  # a module:function spec reads its module's source file
-        module = sys.modules.get(spec.partition(":")[0]) if spec and ":" in spec else None
+        module = sys.modules.get(spec.partition(":")[0]) if spec and is_module_spec(spec) else None
         if module is not None and getattr(module, "__file__", None):
             paths.append(module.__file__)
     return tuple(Path(p).resolve() for p in paths)
+
+
+def _untrusted_task_hint(source: ModelSource) -> str:
+    """Why a saved directory's own task was left out, when it was (see ``resolve_model``)."""
+    if source.untrusted_task is None:
+        return ""
+    return (f" (its plan.json names the task {source.untrusted_task!r}, which is imported only with "
+            "--trust-source: importing runs its code)")
 
 
 def _check_output_file(path: str, option: str, inputs: tuple[Path, ...], out: str | None = None,
@@ -103,6 +112,8 @@ def _check_output_file(path: str, option: str, inputs: tuple[Path, ...], out: st
                               "report.json already); choose a path outside it")
     if target.is_dir():
         raise CheckpointError(f"{option} {path} is a directory; give a file path")
+    if not target.parent.is_dir():
+        raise CheckpointError(f"{option} {path}: the folder {target.parent} does not exist; create it first")
     if force is False and target.exists():
         raise CheckpointError(f"{option} {path} exists; choose another path or pass --force to overwrite it")
 
@@ -154,11 +165,12 @@ def inspect(model: str, weights: str | None, task: str | None, input_shape: str 
     try:
         if spectrum:
             _check_output_file(plot, "--plot", _inputs_of(model, task, source, weights))
+            check_plot_path(plot)
         inventory = scan(source.model, inputs, decomposition)
         if spectrum:
             gather_inputs(source.model, [c for c in inventory.factorizable() if c.decomposition.needs_inputs],
                           task_obj, CALIBRATION_SAMPLES)
-    except (ValueError, CheckpointError) as error:
+    except (ValueError, CheckpointError, RuntimeError) as error:
         _fail(str(error))
     rows = [("layer", "kind", "weight", "params", "MACs", "decomposition", "full rank", "largest paying rank", "note")]
     for c in inventory.candidates:
@@ -241,6 +253,9 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
                              reexpansions, tolerance, recalibrate, progress)
     except ValueError as error:
         _fail(str(error))
+    if source.checkpoint is not None:  # before any work: a second plan could never be loaded back
+        original = f"rankcut compress {source.spec} ..." if source.spec else "the original model"
+        _fail(f"{model} is already compressed: compress its original instead ({original}), with the new selector")
     protected = _inputs_of(model, task, source, weights)
     try:
         if report_path:
@@ -325,7 +340,7 @@ def _given(option: str) -> bool:
 def evaluate(model: str, weights: str | None, task: str | None, device: str, trust_source: bool, split: str) -> None:
     source, task_obj = _load(model, weights, task, device, trust_source)
     if task_obj is None:
-        _fail("this model has no default task: pass --task")
+        _fail(f"this model has no default task: pass --task{_untrusted_task_hint(source)}")
     try:
         run_example(source.model, task_obj.example_inputs())  # a task made for another model fails clearly
         metrics = task_obj.evaluate(source.model, split)
@@ -346,10 +361,10 @@ def bench(model: str, weights: str | None, task: str | None, input_shape: str | 
     source, task_obj = _load(model, weights, task, device, trust_source)
     inputs = _example_inputs(source, task_obj, input_shape)
     if inputs is None:
-        _fail("no example inputs: pass --task or --input-shape")
+        _fail(f"no example inputs: pass --task or --input-shape{_untrusted_task_hint(source)}")
     try:
         if source.checkpoint is not None:
-            spec = recorded_spec(source.checkpoint, read_plan(source.checkpoint), "source", trust_source)
+            spec = checked_spec(source.spec, source.checkpoint, "source", trust_source)
             if spec is None:
                 raise CheckpointError(f"{source.checkpoint} records no source model to time against")
             original, compressed = build_source_model(spec).to(device), source.model

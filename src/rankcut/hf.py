@@ -122,8 +122,9 @@ def carry_files(source_dir: str | os.PathLike, out: Path) -> None:
     shutil.copytree(source_dir, out, ignore=ignored, dirs_exist_ok=True)
 
 
-def from_pretrained(path: str | os.PathLike) -> nn.Module:
-    """Like ``AutoModel.from_pretrained`` for rankcut output: a compressed directory (by its plan) or a plain one."""
+def from_pretrained(path: str | os.PathLike, *, trust_source: bool = False) -> nn.Module:
+    """Like ``AutoModel.from_pretrained`` for rankcut output: a compressed directory (by its plan) or a plain one.
+    ``trust_source`` as in ``rankcut.load``."""
     from rankcut.checkpoint import PLAN_FILE, load
 
-    return load(path) if (Path(path) / PLAN_FILE).is_file() else load_pretrained(path)
+    return load(path, trust_source=trust_source) if (Path(path) / PLAN_FILE).is_file() else load_pretrained(path)

@@ -83,9 +83,14 @@ def resolve_decomposition(spec: DecompositionSpec, info: LayerInfo) -> Decomposi
                         f"names or kinds to names, got {name!r} for layer {info.name!r}")
     if name == "auto":
         name = "tucker2" if info.is_conv and info.kernel_volume > 1 and info.in_per_group > 1 else "svd"
+    return decomposition_named(name)
+
+
+def decomposition_named(name: str) -> Decomposition:
+    """A registered decomposition by name; the error also offers "auto", which ``resolve_decomposition`` reads."""
     try:
         return get_decomposition(name)
-    except ValueError as error:  # "auto" is this function's, not a registered decomposition: name it too
+    except ValueError as error:
         raise ValueError(f"{error}, or auto") from None
 
 

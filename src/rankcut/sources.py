@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -53,6 +54,7 @@ class ModelSource:
     task: Task | None = None
     checkpoint: Path | None = None
     files_dir: Path | None = None
+    untrusted_task: str | None = None  # a saved directory's module:function task, left out without trust
 
 
 def import_object(spec: str, what: str) -> object:
@@ -70,11 +72,19 @@ def import_object(spec: str, what: str) -> object:
         raise ValueError(f"{what} {spec!r}: module {module_name!r} has no attribute {attribute!r}") from None
 
 
+def is_module_spec(spec: str) -> bool:
+    """Whether ``spec`` names ``package.module:function`` (importing it runs code), not a path with a colon."""
+    return bool(_MODULE_SPEC.fullmatch(spec)) and not Path(spec).exists()
+
+
+_MODULE_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
 def resolve_task(spec: str) -> Task:
     """A built-in task by name, or a user task from ``module:function`` (a function returning a task)."""
     if spec in TASKS:
         return TASKS[spec]()
-    if ":" in spec:
+    if is_module_spec(spec):
         factory = import_object(spec, "task")
         task = factory() if callable(factory) and not isinstance(factory, Task) else factory
         return require_task(task, f"task {spec!r}")
@@ -85,7 +95,7 @@ def build_source_model(spec: str) -> nn.Module:
     """The uncompressed model for a zoo name, a transformers directory or a ``module:factory`` spec."""
     if spec in ZOO:
         return ZOO[spec].task().build_model().eval()
-    if ":" in spec:
+    if is_module_spec(spec):
         factory = import_object(spec, "model factory")
         model = factory() if callable(factory) else None
         if not isinstance(model, nn.Module):
@@ -102,9 +112,10 @@ def resolve_model(spec: str, weights: str | None = None, *, trust_source: bool =
     """Resolve a MODEL argument; ``weights`` (a .safetensors file) loads into a ``module:factory`` model.
 
     A saved directory's recorded ``module:function`` source or task is imported only with ``trust_source``
-    (see ``rankcut.load``); its task is not looked up when the caller gives one (``task_given``).
+    (see ``rankcut.load``). Its task is looked up only when the caller gives none (``task_given``); one that
+    may not be imported is left out and named in ``ModelSource.untrusted_task``, for the commands that need it.
     """
-    from rankcut.checkpoint import PLAN_FILE, load, read_plan, recorded_spec
+    from rankcut.checkpoint import PLAN_FILE, CheckpointError, checked_spec, load, read_plan
 
     path = Path(spec)
     if path.is_dir() and not (path / PLAN_FILE).is_file() and hf.is_hf_dir(path):
@@ -119,10 +130,17 @@ def resolve_model(spec: str, weights: str | None = None, *, trust_source: bool =
             raise ValueError(f"--weights is for 'module:factory' models; the saved directory {path} has its own "
                              "weights")
         plan = read_plan(path)
-        task_name = None if task_given else recorded_spec(path, plan, "task", trust_source)
-        source = plan.meta.get("source")  # checked by ``recorded_spec`` wherever it is built
-        return ModelSource(load(path, trust_source=trust_source), source if isinstance(source, str) else "",
-                           resolve_task(task_name) if task_name else None, path)
+        model = load(path, trust_source=trust_source)  # the source first: its refusal is the one to fix first
+        source = plan.meta.get("source")
+        task, untrusted = None, None
+        if not task_given and plan.meta.get("task") is not None:
+            try:
+                task_name = checked_spec(plan.meta["task"], path, "task", trust_source)
+            except CheckpointError:
+                untrusted = str(plan.meta["task"])
+            else:
+                task = resolve_task(task_name) if task_name else None
+        return ModelSource(model, source if isinstance(source, str) else "", task, path, untrusted_task=untrusted)
     model = build_source_model(spec)
     if weights is not None:
         from safetensors.torch import load_model

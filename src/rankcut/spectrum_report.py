@@ -45,6 +45,18 @@ def spectrum_report(candidates: list[Candidate], plot_path: str | Path | None = 
     return format_table(rows)
 
 
+def check_plot_path(path: str | Path) -> None:
+    """Refuse a plot file name whose ending is not an image format matplotlib writes (before any work)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise RuntimeError("plotting needs matplotlib: pip install 'rankcut[plot]'") from error
+    formats = Figure().canvas.get_supported_filetypes()
+    if Path(path).suffix.lstrip(".").lower() not in formats:
+        raise RuntimeError(f"--plot {path}: the plot is an image; give a file ending in one of "
+                           f"{', '.join('.' + name for name in sorted(formats))} (e.g. spectrum.png)")
+
+
 def _plot(candidates: list[Candidate], evbmf_by_layer: dict, path: str | Path) -> Path:
     """Save a PNG: normalized singular values with each layer's EVBMF rank marked (left), energy (right)."""
     try:
@@ -54,12 +66,8 @@ def _plot(candidates: list[Candidate], evbmf_by_layer: dict, path: str | Path) -
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise RuntimeError("plotting needs matplotlib: pip install 'rankcut[plot]'") from error
+    check_plot_path(path)
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    formats = figure.canvas.get_supported_filetypes()
-    if Path(path).suffix.lstrip(".").lower() not in formats:
-        plt.close(figure)
-        raise RuntimeError(f"--plot {path}: the plot is an image; give a file ending in one of "
-                           f"{', '.join('.' + name for name in sorted(formats))} (e.g. spectrum.png)")
     colormap = plt.cm.viridis
     for index, candidate in enumerate(candidates):
         color = colormap(index / max(len(candidates) - 1, 1))

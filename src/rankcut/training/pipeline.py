@@ -23,7 +23,7 @@ from rankcut.api import compress as compress_model
 from rankcut.checkpoint import atomic_write, load, save, write_text_atomic
 from rankcut.counting import count_params
 from rankcut.devices import usable_device
-from rankcut.layers import get_decomposition
+from rankcut.inventory import decomposition_named
 from rankcut.models import CNN_MODELS
 from rankcut.plan import format_table
 from rankcut.selectors import parse_selector
@@ -81,9 +81,9 @@ class TrainConfig:
             raise ValueError(f"--select: {error}") from None
         if self.decomposition != "auto":
             try:
-                get_decomposition(self.decomposition)
+                decomposition_named(self.decomposition)
             except ValueError as error:
-                raise ValueError(f"--decomposition: {error}, or auto") from None
+                raise ValueError(f"--decomposition: {error}") from None
 
 
 def _fresh_model(config: TrainConfig) -> nn.Module:
