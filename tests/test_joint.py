@@ -4,6 +4,7 @@ measurement, a planted rank that compact must find, budgets lossless must respec
 from __future__ import annotations
 
 import functools
+import math
 import re
 from contextlib import nullcontext
 
@@ -404,6 +405,33 @@ def test_upper_bound_adds_the_sampling_error_of_the_prediction():
             curve.estimate(removed) + 2 * float(expected[removed - 1]))
     with pytest.raises(ValueError, match="confidence"):
         LossAware("compact", confidence=-1)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"mode": "compact", "confidence": math.inf}, "confidence .* must be finite"),  # inf × a zero error is nan
+    ({"mode": "compact", "tolerance": math.inf}, "tolerance"),
+    ({"mode": "compact", "fraction": 0.3}, "compact finds its own size"),
+    ({"mode": "lossless", "fraction": 0.5, "criterion": "metric"}, "criterion='metric' is compact's"),
+    ({"mode": "lossless", "fraction": True}, "a number; got True"),
+    ({"mode": "compact", "max_rounds": -1}, "max_rounds must be >= 0"),
+    ({"mode": "compact", "max_evaluations": 0}, "max_evaluations >= 1"),
+])
+def test_contradictory_or_out_of_range_settings_are_refused(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        LossAware(**arguments)
+
+
+def test_the_summary_predicts_no_change_for_the_energy_budget_plan():
+    """The Taylor curves price the loss-aware plan's sizes; when validation keeps the energy plan, no number is
+    printed as its prediction."""
+    from rankcut.report import describe_selection
+
+    selection = {"mode": "lossless", "plan_source": "energy budget", "calibration_samples": 64,
+                 "probe_measurements": 3, "confidence": 2.0, "seconds": {"total": 1.0}, "calibration_loss": 0.5,
+                 "predicted_loss_change": None, "measured_loss_change": 0.01, "validation_checks": []}
+    text = describe_selection(selection)
+    assert "change not predicted (the energy budget plan was kept), measured +0.0100" in text
+    assert "predicted +0.0000" not in describe_selection({**selection, "predicted_loss_change": 0.02})
 
 
 def test_taylor_order_stays_in_its_window():

@@ -87,8 +87,7 @@ def describe_selection(selection: dict) -> str:
              f"{selection['calibration_samples']} calibration samples, {selection['probe_measurements']} probe "
              f"passes, each cut charged {selection.get('confidence', 0):g} standard errors above its estimate, "
              f"{selection['seconds']['total']:.1f} s",
-             f"calibration loss {selection['calibration_loss']:.4f}: change predicted "
-             f"{selection['predicted_loss_change']:+.4f} ({_predicted_how(selection)}), "
+             f"calibration loss {selection['calibration_loss']:.4f}: change {_predicted(selection)}, "
              f"measured {selection['measured_loss_change']:+.4f}{_measured_how(selection)}"]
     reexpansion = selection.get("reexpansion")
     if reexpansion:
@@ -109,10 +108,14 @@ def describe_selection(selection: dict) -> str:
     return "\n".join(lines)
 
 
-def _predicted_how(selection: dict) -> str:
-    if selection["plan_source"] == "re-expanded":
-        return "the re-expansion centre's measured change plus the layers' changes from it"
-    return "sum over layers"
+def _predicted(selection: dict) -> str:
+    """The plan's predicted calibration loss change and how it was added up (none for the energy budget plan,
+    whose sizes the Taylor curves were not asked about)."""
+    if selection["predicted_loss_change"] is None:
+        return "not predicted (the energy budget plan was kept)"
+    how = ("the re-expansion centre's measured change plus the layers' changes from it"
+           if selection["plan_source"] == "re-expanded" else "sum over layers")
+    return f"predicted {selection['predicted_loss_change']:+.4f} ({how})"
 
 
 def _measured_how(selection: dict) -> str:

@@ -140,11 +140,22 @@ class LossAware(Selector):
             raise ValueError("calibration_samples, batch_size and probe_samples must be positive")
         if reexpansions < 0:
             raise ValueError(f"reexpansions must be >= 0, got {reexpansions}")
-        if not tolerance >= 0:
+        if not 0 <= tolerance < math.inf:
             raise ValueError(f"tolerance (the change of the validation loss or metric that compact counts as none, "
                              f"a fraction of the original's) must be >= 0, got {tolerance}")
-        if not confidence >= 0:
-            raise ValueError(f"confidence (standard errors added to each estimate) must be >= 0, got {confidence}")
+        if not 0 <= confidence < math.inf:
+            raise ValueError(f"confidence (standard errors added to each estimate) must be finite and >= 0, got "
+                             f"{confidence}")
+        if mode == "compact" and fraction is not None:
+            raise ValueError("compact finds its own size (the smallest with no loss): drop fraction, or use lossless")
+        if mode == "lossless" and criterion != "loss":
+            raise ValueError("criterion='metric' is compact's (no metric lost); lossless ranks plans by the "
+                             "validation metric, then the loss, already")
+        if isinstance(fraction, bool):
+            raise ValueError(f"fraction is the share of the factorizable {metric} kept, a number; got {fraction}")
+        if max_rounds < 0 or max_evaluations < 1:
+            raise ValueError(f"max_rounds must be >= 0 and max_evaluations >= 1, got {max_rounds} and "
+                             f"{max_evaluations}")
         self.mode, self.fraction, self.metric, self.order = mode, fraction, metric, order
         self.calibration_samples, self.batch_size = calibration_samples, batch_size
         self.probe_samples = min(probe_samples, calibration_samples)
@@ -153,7 +164,8 @@ class LossAware(Selector):
         self.progress, self.criterion, self.recalibrate = progress, criterion, recalibrate
         self.reexpansions = reexpansions
         self.spec = (f"lossless:{metric}={fraction:g}" if mode == "lossless"
-                     else "compact" if criterion == "loss" else f"compact:{criterion}")
+                     else ("compact" if criterion == "loss" else f"compact:{criterion}")
+                     + ("" if metric == "params" else f" (smallest in {metric})"))
         self.model: nn.Module | None = None
         self.task: Any = None
         self.summary: dict[str, Any] = {}
@@ -266,8 +278,9 @@ class LossAware(Selector):
             "statistics_cache": "off" if disk is None else "hit" if cached is not None else "miss",
             "confidence": self.confidence,
             "predicted_loss_change": (self._reexpansion["predicted_loss_change"] if source == REEXPANDED else
+                                      None if source == ENERGY else  # its sizes are not on the layers' curves
                                       sum(curves[name].estimate(option.note) for name, option in chosen.items()
-                                          if option.rank is not None and source != ENERGY)),
+                                          if option.rank is not None)),
             "measured_loss_change": measured_change,
             "reexpansion": self._reexpansion,
             "validation_checks": checks,

@@ -167,7 +167,8 @@ class FashionMNISTTask:
         """(images, labels) batches of the first ``num_samples`` calibration images, in a fixed order."""
         images, labels = self.split_tensors("calibration")
         if num_samples > len(labels):
-            raise ValueError(f"asked for {num_samples} calibration samples but the split has {len(labels)}")
+            raise ValueError(f"asked for {num_samples} calibration samples but the split has {len(labels)}: "
+                             "ask for at most that many (calibration_samples=, --calibration-samples)")
         for start in range(0, num_samples, batch_size):
             stop = min(start + batch_size, num_samples)
             yield images[start:stop], labels[start:stop]

@@ -220,7 +220,8 @@ class WordNetGlossTask:
         """
         synsets = self.splits["calibration"]
         if num_samples > len(synsets):
-            raise ValueError(f"asked for {num_samples} calibration samples but the split has {len(synsets)}")
+            raise ValueError(f"asked for {num_samples} calibration samples but the split has {len(synsets)}: "
+                             "ask for at most that many (calibration_samples=, --calibration-samples)")
         chosen = synsets[:num_samples]
         lengths = [len(ids) for ids in self.tokenizer([synset.definition for synset in chosen], truncation=True,
                                                       max_length=MAX_LENGTH)["input_ids"]]
