@@ -198,8 +198,21 @@ def test_a_refused_load_keeps_the_plan_the_model_carried(tmp_path):
 def test_a_module_spec_is_told_from_a_path_with_a_colon(tmp_path):
     from rankcut.sources import is_module_spec
 
-    assert is_module_spec("toy_models:cnn_factory") and is_module_spec("pkg.sub:make_net")
+    assert is_module_spec("toy_models:cnn_factory") and is_module_spec("pkg_1.sub2:make_net")
+    assert is_module_spec("été_mod:cnn_factory") and is_module_spec("a" * 300 + ":b")  # PEP 3131; no such path
     folder = tmp_path / "hf:v1"
     folder.mkdir()
     assert not is_module_spec(str(folder)) and not is_module_spec("C:/models/net") and not is_module_spec("a:b:c")
+
+
+def test_a_recorded_task_of_the_wrong_type_is_refused_even_when_trusted(tmp_path):
+    compressed, _ = rankcut.compress(cnn_factory(), "fixed:0.5", progress=False)
+    out = rankcut.save(compressed, tmp_path / "out", source="toy_models:cnn_factory")
+    plan = json.loads((out / PLAN_FILE).read_text())
+    plan["meta"]["task"] = 5
+    (out / PLAN_FILE).write_text(json.dumps(plan))
+    from rankcut.sources import resolve_model
+
+    with pytest.raises(CheckpointError, match=r"meta\.task must be a string"):
+        resolve_model(str(out), trust_source=True)
 

@@ -232,6 +232,31 @@ def test_bench_gives_its_task_to_a_loss_aware_selector():
     assert "pass task=" not in result.output and "hold no samples (asked for 512)" in result.output, result.output
 
 
+def test_the_report_may_go_where_out_is_about_to_be_made(tmp_path):
+    """As make demo does on a fresh clone: --out runs/vgg --report runs/vgg-report.json, runs/ not there yet."""
+    runs = tmp_path / "runs"
+    result = run("compress", *TOY, "--out", str(runs / "net"), "--report", str(runs / "net-report.json"),
+                 "--force", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (runs / "net" / "plan.json").is_file() and (runs / "net-report.json").is_file()
+
+
+def test_out_never_goes_inside_rankcuts_own_package(tmp_path):
+    package = Path(rankcut.__file__).parent
+    result = run("compress", *TOY, "--out", str(package / "weights" / "new"), "--no-progress")
+    assert result.exit_code == 2 and "lies inside rankcut's own package folder" in result.output
+    assert not (package / "weights" / "new").exists()
+
+
+def test_a_saved_directory_with_nothing_factorized_can_be_compressed(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run("compress", *TOY, "--select", "energy:1.0", "--out", str(first), "--no-progress").exit_code == 0
+    assert not any(layer["rank"] for layer in json.loads((first / "plan.json").read_text())["layers"])
+    result = run("compress", str(first), "--input-shape", "2,3,16,16", "--trust-source", "--out", str(second),
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+
+
 def test_a_saved_compressed_model_is_not_compressed_again(tmp_path):
     out = tmp_path / "out"
     assert run("compress", *TOY, "--out", str(out), "--no-progress").exit_code == 0
@@ -298,7 +323,7 @@ def test_compact_with_tucker2_and_loss_aware_options_from_the_shell(tmp_path):
     (["--select", "budget:params=0.5", "--reexpansions", "1"], "--reexpansions: only"),
     (["--select", "compact", "--reexpansions", "1"], "--reexpansions goes with --select lossless"),
     (["--select", "lossless:params=0.5", "--tolerance", "0"], "--tolerance goes with --select compact"),
-    (["--select", "compact", "--tolerance", "-1"], "must be >= 0, got -1.0"),
+    (["--select", "compact", "--tolerance", "-1"], "must be finite and >= 0, got -1.0"),
 ])
 def test_loss_aware_option_errors(args, message):
     result = run("compress", "toy_models:cnn_factory", "--task", "toy_models:toy_task", *args)

@@ -415,6 +415,7 @@ def test_upper_bound_adds_the_sampling_error_of_the_prediction():
     ({"mode": "lossless", "fraction": True}, "a number; got True"),
     ({"mode": "compact", "max_rounds": -1}, "max_rounds must be >= 0"),
     ({"mode": "compact", "max_evaluations": 0}, "max_evaluations >= 1"),
+    ({"mode": "compact", "metric": "macs"}, "compact finds the smallest model in params"),
 ])
 def test_contradictory_or_out_of_range_settings_are_refused(arguments, message):
     with pytest.raises(ValueError, match=message):

@@ -13,7 +13,15 @@ from click.core import ParameterSource
 from rankcut import hf
 from rankcut.api import compress as compress_model
 from rankcut.api import gather_inputs
-from rankcut.checkpoint import CheckpointError, checked_spec, prepare_output_dir, save, write_text_atomic
+from rankcut.checkpoint import (
+    PLAN_FILE,
+    CheckpointError,
+    checked_spec,
+    prepare_output_dir,
+    read_plan,
+    save,
+    write_text_atomic,
+)
 from rankcut.counting import count_macs, count_params
 from rankcut.devices import usable_device
 from rankcut.distributed import Group, init_from_environment
@@ -82,12 +90,39 @@ def _load(model: str, weights: str | None, task: str | None, device: str,
 def _inputs_of(model: str, task: str | None, source: ModelSource, weights: str | None) -> tuple[Path, ...]:
     """Every file or directory a command reads its model and task from: never a place to write into. rankcut's
     own package folder is one (the zoo's committed weights live there)."""
-    paths = [p for p in (source.checkpoint, weights, source.files_dir, Path(__file__).resolve().parent) if p]
+    paths = [p for p in (source.checkpoint, weights, source.files_dir, PACKAGE_FOLDER) if p]
     for spec in (model, task):  # a module:function spec reads its module's source file
         module = sys.modules.get(spec.partition(":")[0]) if spec and is_module_spec(spec) else None
         if module is not None and getattr(module, "__file__", None):
             paths.append(module.__file__)
     return tuple(Path(p).resolve() for p in paths)
+
+
+PACKAGE_FOLDER = Path(__file__).resolve().parent
+
+
+def _check_output_dir(out: str) -> None:
+    """Refuse an --out inside rankcut's own package folder (the zoo's committed weights live there). A folder
+    inside a Hugging Face input directory is allowed: nothing there is overwritten without --force."""
+    target = Path(out).resolve()
+    if target == PACKAGE_FOLDER or PACKAGE_FOLDER in target.parents:
+        raise CheckpointError(f"--out {out} lies inside rankcut's own package folder {PACKAGE_FOLDER}; choose a "
+                              "folder outside it")
+
+
+def _refuse_compressed_directory(model: str) -> None:
+    """Refuse a saved directory whose plan factorized layers, from its plan.json alone (reading it runs no code),
+    before anything is loaded: a second plan on top of the first could never be loaded back."""
+    if not (Path(model) / PLAN_FILE).is_file():
+        return
+    try:
+        plan = read_plan(model)
+    except CheckpointError as error:
+        _fail(str(error))
+    if plan.factorized():
+        source = plan.meta.get("source")
+        original = f"rankcut compress {source} ..." if isinstance(source, str) and source else "the original model"
+        _fail(f"{model} is already compressed: compress its original instead ({original}), with the new selector")
 
 
 def _untrusted_task_hint(source: ModelSource) -> str:
@@ -112,7 +147,8 @@ def _check_output_file(path: str, option: str, inputs: tuple[Path, ...], out: st
                               "report.json already); choose a path outside it")
     if target.is_dir():
         raise CheckpointError(f"{option} {path} is a directory; give a file path")
-    if not target.parent.is_dir():
+    made_by_out = out is not None and target.parent in Path(out).resolve().parents  # saving creates it first
+    if not target.parent.is_dir() and not made_by_out:
         raise CheckpointError(f"{option} {path}: the folder {target.parent} does not exist; create it first")
     if force is False and target.exists():
         raise CheckpointError(f"{option} {path} exists; choose another path or pass --force to overwrite it")
@@ -247,20 +283,19 @@ def compress(model: str, weights: str | None, task: str | None, input_shape: str
              progress: bool) -> None:
     main_process = Group.current().is_main  # under torchrun, the others only share the work
     progress = progress and main_process
+    _refuse_compressed_directory(model)
     source, task_obj = _load(model, weights, task, device, trust_source)
     try:
         selector = _selector(select, target, calibration_samples, batch_size, probe_samples, confidence,
                              reexpansions, tolerance, recalibrate, progress)
     except ValueError as error:
         _fail(str(error))
-    if source.checkpoint is not None:  # before any work: a second plan could never be loaded back
-        original = f"rankcut compress {source.spec} ..." if source.spec else "the original model"
-        _fail(f"{model} is already compressed: compress its original instead ({original}), with the new selector")
     protected = _inputs_of(model, task, source, weights)
     try:
         if report_path:
             _check_output_file(report_path, "--report", protected, out, force)
         if out:  # in every process, so that a refusal stops them all before they wait on each other
+            _check_output_dir(out)
             prepare_output_dir(out, force=force, protected=protected)
         inputs = _example_inputs(source, task_obj, input_shape)
         compressed, report = compress_model(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -74,10 +73,13 @@ def import_object(spec: str, what: str) -> object:
 
 def is_module_spec(spec: str) -> bool:
     """Whether ``spec`` names ``package.module:function`` (importing it runs code), not a path with a colon."""
-    return bool(_MODULE_SPEC.fullmatch(spec)) and not Path(spec).exists()
-
-
-_MODULE_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+    module, colon, attribute = spec.partition(":")
+    if not colon or not attribute.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
+        return False
+    try:
+        return not Path(spec).exists()
+    except OSError:  # a name too long for a path is no path
+        return True
 
 
 def resolve_task(spec: str) -> Task:
@@ -115,7 +117,7 @@ def resolve_model(spec: str, weights: str | None = None, *, trust_source: bool =
     (see ``rankcut.load``). Its task is looked up only when the caller gives none (``task_given``); one that
     may not be imported is left out and named in ``ModelSource.untrusted_task``, for the commands that need it.
     """
-    from rankcut.checkpoint import PLAN_FILE, CheckpointError, checked_spec, load, read_plan
+    from rankcut.checkpoint import PLAN_FILE, checked_spec, load, read_plan
 
     path = Path(spec)
     if path.is_dir() and not (path / PLAN_FILE).is_file() and hf.is_hf_dir(path):
@@ -132,13 +134,12 @@ def resolve_model(spec: str, weights: str | None = None, *, trust_source: bool =
         plan = read_plan(path)
         model = load(path, trust_source=trust_source)  # the source first: its refusal is the one to fix first
         source = plan.meta.get("source")
-        task, untrusted = None, None
-        if not task_given and plan.meta.get("task") is not None:
-            try:
-                task_name = checked_spec(plan.meta["task"], path, "task", trust_source)
-            except CheckpointError:
-                untrusted = str(plan.meta["task"])
+        task, untrusted, recorded = None, None, plan.meta.get("task")
+        if not task_given and recorded is not None:
+            if isinstance(recorded, str) and is_module_spec(recorded) and not trust_source:
+                untrusted = recorded  # left out: the commands that need a task name it
             else:
+                task_name = checked_spec(recorded, path, "task", trust_source)
                 task = resolve_task(task_name) if task_name else None
         return ModelSource(model, source if isinstance(source, str) else "", task, path, untrusted_task=untrusted)
     model = build_source_model(spec)

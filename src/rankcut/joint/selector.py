@@ -142,7 +142,7 @@ class LossAware(Selector):
             raise ValueError(f"reexpansions must be >= 0, got {reexpansions}")
         if not 0 <= tolerance < math.inf:
             raise ValueError(f"tolerance (the change of the validation loss or metric that compact counts as none, "
-                             f"a fraction of the original's) must be >= 0, got {tolerance}")
+                             f"a fraction of the original's) must be finite and >= 0, got {tolerance}")
         if not 0 <= confidence < math.inf:
             raise ValueError(f"confidence (standard errors added to each estimate) must be finite and >= 0, got "
                              f"{confidence}")
@@ -163,9 +163,11 @@ class LossAware(Selector):
         self.tolerance, self.max_rounds, self.max_evaluations = tolerance, max_rounds, max_evaluations
         self.progress, self.criterion, self.recalibrate = progress, criterion, recalibrate
         self.reexpansions = reexpansions
+        if mode == "compact" and metric != "params":
+            raise ValueError(f"compact finds the smallest model in params; metric={metric!r} is lossless's "
+                             "(lossless:macs=F keeps a share of the MACs)")
         self.spec = (f"lossless:{metric}={fraction:g}" if mode == "lossless"
-                     else ("compact" if criterion == "loss" else f"compact:{criterion}")
-                     + ("" if metric == "params" else f" (smallest in {metric})"))
+                     else "compact" if criterion == "loss" else f"compact:{criterion}")
         self.model: nn.Module | None = None
         self.task: Any = None
         self.summary: dict[str, Any] = {}
