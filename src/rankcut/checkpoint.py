@@ -64,7 +64,6 @@ def prepare_output_dir(out_dir: str | os.PathLike, *, force: bool = False,
         source = Path(item).resolve()
         if source == out or out in source.parents:
             raise CheckpointError(f"refusing to write into {out}: it holds the input {source}; choose another --out")
-
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
