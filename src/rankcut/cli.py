@@ -87,6 +87,14 @@ def _load(model: str, weights: str | None, task: str | None, device: str,
         _fail(str(error))
 
 
+PACKAGE_FOLDER = Path(__file__).resolve().parent
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
+    return path == folder or folder in path.parents
+
+
 def _inputs_of(model: str, task: str | None, source: ModelSource, weights: str | None) -> tuple[Path, ...]:
     """Every file or directory a command reads its model and task from: never a place to write into. rankcut's
     own package folder is one (the zoo's committed weights live there)."""
@@ -98,14 +106,11 @@ def _inputs_of(model: str, task: str | None, source: ModelSource, weights: str |
     return tuple(Path(p).resolve() for p in paths)
 
 
-PACKAGE_FOLDER = Path(__file__).resolve().parent
-
-
 def _check_output_dir(out: str) -> None:
     """Refuse an --out inside rankcut's own package folder (the zoo's committed weights live there). A folder
     inside a Hugging Face input directory is allowed: nothing there is overwritten without --force."""
     target = Path(out).resolve()
-    if target == PACKAGE_FOLDER or PACKAGE_FOLDER in target.parents:
+    if _within(target, PACKAGE_FOLDER):
         raise CheckpointError(f"--out {out} lies inside rankcut's own package folder {PACKAGE_FOLDER}; choose a "
                               "folder outside it")
 
@@ -139,10 +144,10 @@ def _check_output_file(path: str, option: str, inputs: tuple[Path, ...], out: st
     fills), or, when ``force`` is given, over an existing file unless it is true."""
     target = Path(path).resolve()
     for item in inputs:
-        if target == item or item in target.parents:
+        if _within(target, item):
             raise CheckpointError(f"{option} {path}: {'it is' if target == item else 'it lies inside'} the input "
                                   f"{item}; choose a path outside the inputs")
-    if out is not None and (target == Path(out).resolve() or Path(out).resolve() in target.parents):
+    if out is not None and _within(target, Path(out).resolve()):
         raise CheckpointError(f"{option} {path} lies inside --out {out}, which the saved model fills (it holds "
                               "report.json already); choose a path outside it")
     if target.is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
@@ -68,8 +69,9 @@ class LayerPlan:
         if missing:
             raise ValueError(f"plan entry {name!r} lacks the fields {missing}")
         for key, value in data.items():
-            if not _FIELD_CHECKS[key](value):
-                raise ValueError(f"plan entry {name!r}: field {key!r} must be {_FIELD_TYPES[key]}, got {value!r}")
+            check, kind = _FIELD_RULES[key]
+            if not check(value):
+                raise ValueError(f"plan entry {name!r}: field {key!r} must be {kind}, got {value!r}")
         return cls(**data)
 
 
@@ -81,22 +83,24 @@ def _is_rank(value: Any) -> bool:
     return _is_int(value) or (isinstance(value, tuple) and bool(value) and all(map(_is_int, value)))
 
 
-_FIELD_TYPES = {
-    "name": "a string", "kind": "a string", "decomposition": "a string", "reason": "a string",
-    "weight_shape": "a list of integers", "groups": "an integer", "rank": "null, an integer or a list of integers",
-    "max_rank": "an integer or a list of integers", "params_before": "an integer", "params_after": "an integer",
-    "supported": "true or false", "macs_before": "an integer", "macs_after": "an integer",
-    "relative_error": "null or a number", "components": "null or a list",
-}
-_FIELD_CHECKS = {
-    "name": lambda v: isinstance(v, str), "kind": lambda v: isinstance(v, str),
-    "decomposition": lambda v: isinstance(v, str), "reason": lambda v: isinstance(v, str),
-    "weight_shape": lambda v: isinstance(v, list) and all(map(_is_int, v)), "groups": _is_int,
-    "rank": lambda v: v is None or _is_rank(v), "max_rank": _is_rank,
-    "params_before": _is_int, "params_after": _is_int, "supported": lambda v: isinstance(v, bool),
-    "macs_before": _is_int, "macs_after": _is_int,
-    "relative_error": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "components": lambda v: v is None or isinstance(v, list),
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+# each plan entry field: the check its JSON value must pass, and what that is in words
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (_is_str, "a string"), "kind": (_is_str, "a string"), "decomposition": (_is_str, "a string"),
+    "reason": (_is_str, "a string"),
+    "weight_shape": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of integers"),
+    "groups": (_is_int, "an integer"),
+    "rank": (lambda v: v is None or _is_rank(v), "null, an integer or a list of integers"),
+    "max_rank": (_is_rank, "an integer or a list of integers"),
+    "params_before": (_is_int, "an integer"), "params_after": (_is_int, "an integer"),
+    "supported": (lambda v: isinstance(v, bool), "true or false"),
+    "macs_before": (_is_int, "an integer"), "macs_after": (_is_int, "an integer"),
+    "relative_error": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+                       "null or a number"),
+    "components": (lambda v: v is None or isinstance(v, list), "null or a list"),
 }
 
 

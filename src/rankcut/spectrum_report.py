@@ -59,14 +59,12 @@ def check_plot_path(path: str | Path) -> None:
 
 def _plot(candidates: list[Candidate], evbmf_by_layer: dict, path: str | Path) -> Path:
     """Save a PNG: normalized singular values with each layer's EVBMF rank marked (left), energy (right)."""
-    try:
-        import matplotlib
+    check_plot_path(path)  # also says when matplotlib is missing
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise RuntimeError("plotting needs matplotlib: pip install 'rankcut[plot]'") from error
-    check_plot_path(path)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     colormap = plt.cm.viridis
     for index, candidate in enumerate(candidates):

@@ -146,6 +146,9 @@ class LossAware(Selector):
         if not 0 <= confidence < math.inf:
             raise ValueError(f"confidence (standard errors added to each estimate) must be finite and >= 0, got "
                              f"{confidence}")
+        if mode == "compact" and metric != "params":
+            raise ValueError(f"compact finds the smallest model in params; metric={metric!r} is lossless's "
+                             "(lossless:macs=F keeps a share of the MACs)")
         if mode == "compact" and fraction is not None:
             raise ValueError("compact finds its own size (the smallest with no loss): drop fraction, or use lossless")
         if mode == "lossless" and criterion != "loss":
@@ -163,9 +166,6 @@ class LossAware(Selector):
         self.tolerance, self.max_rounds, self.max_evaluations = tolerance, max_rounds, max_evaluations
         self.progress, self.criterion, self.recalibrate = progress, criterion, recalibrate
         self.reexpansions = reexpansions
-        if mode == "compact" and metric != "params":
-            raise ValueError(f"compact finds the smallest model in params; metric={metric!r} is lossless's "
-                             "(lossless:macs=F keeps a share of the MACs)")
         self.spec = (f"lossless:{metric}={fraction:g}" if mode == "lossless"
                      else "compact" if criterion == "loss" else f"compact:{criterion}")
         self.model: nn.Module | None = None
@@ -189,7 +189,7 @@ class LossAware(Selector):
     def choose(self, candidates: Sequence[Candidate], policy: RankPolicy) -> dict[str, Choice]:
         if self.model is None or self.task is None:
             raise ValueError(f"{self.spec} measures the model's loss: pass a task (task=... or --task) to compress")
-        self.summary, self._recalibration = {}, None
+        self.summary, self._recalibration, self._search_recalibration = {}, None, None
         if not candidates:  # every layer ignored or unsupported: nothing to measure, the model stays as it is
             return {}
         for candidate in candidates:
@@ -220,7 +220,6 @@ class LossAware(Selector):
                              f"{self.calibration_samples}): ask for fewer calibration samples (calibration_samples=, "
                              "--calibration-samples), or check the task's calibration_batches")
         probe_batches = spread_batches(batches, self.probe_samples)
-        self._recalibration = self._search_recalibration = None
         if self.recalibrate and batch_norms(self.model):
             self._recalibration = BatchNormRecalibration(self.model, batches, self.task.loss)
             if self.mode == "compact":  # its search measures whole plans, recalibrated on the probe batches
